@@ -1,0 +1,210 @@
+"""The ``cqkd`` command: parse, validate, call the library. Nothing more.
+
+User mistakes raise ``CqkdError`` in the library; here they become one line on stderr and
+exit code 2 (argparse does the same for malformed options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from cqkd.errors import CqkdError
+
+EXIT_USAGE = 2
+_DEFAULTS_NOTE = "(default: %s)"
+
+
+def _default(name: str) -> Any:
+    from dataclasses import fields
+
+    from cqkd.config import RunConfig
+
+    return {f.name: f.default for f in fields(RunConfig)}[name]
+
+
+def _add_run_options(p: argparse.ArgumentParser, distill: bool) -> None:
+    """Options shared by train and distill. Unset options keep the RunConfig default (or the
+    value from --config), so the help shows the defaults but argparse stores nothing."""
+    S = argparse.SUPPRESS
+    d = _default
+    g = p.add_argument_group("data and views")
+    g.add_argument("--dataset", default=S, help=f"dataset name: fashion-mnist, synthetic, ... {_DEFAULTS_NOTE % d('dataset')}")
+    g.add_argument("--data-dir", default=S, help="a local copy of the dataset (else the system copy or a download)")
+    g.add_argument("--train-samples", type=int, default=S, metavar="N", help="train on a fixed class-balanced subset of N images")
+    g.add_argument("--size", type=int, default=S, metavar="S", help=f"input side length in px; images are resized to SxS {_DEFAULTS_NOTE % d('size')}")
+    g.add_argument("--resize-mode", default=S, choices=["bilinear", "bicubic", "area", "nearest"], help=f"resize interpolation {_DEFAULTS_NOTE % d('resize_mode')}")
+    g.add_argument("--degradation", default=S, metavar="SPEC", help="full degradation spec, e.g. 'size=7,mode=bicubic,blur=0.5,noise=0.02,upsample=true' (overrides --size)")
+    g.add_argument("--augment", default=S, metavar="SPEC", help=f"training views: 'flip,translate=N' or 'none' {_DEFAULTS_NOTE % d('augment')}")
+    g = p.add_argument_group("model and optimisation")
+    g.add_argument("--model", default=S, help=f"model name (see `cqkd models`) {_DEFAULTS_NOTE % d('model')}")
+    g.add_argument("--epochs", type=int, default=S, help=f"{_DEFAULTS_NOTE % d('epochs')}")
+    g.add_argument("--batch-size", type=int, default=S, help=f"{_DEFAULTS_NOTE % d('batch_size')}")
+    g.add_argument("--lr", type=float, default=S, help=f"peak learning rate {_DEFAULTS_NOTE % d('lr')}")
+    g.add_argument("--weight-decay", type=float, default=S, help=f"{_DEFAULTS_NOTE % d('weight_decay')}")
+    g.add_argument("--optimizer", default=S, choices=["adamw", "sgd"], help=f"{_DEFAULTS_NOTE % d('optimizer')}")
+    g.add_argument("--schedule", default=S, choices=["onecycle", "cosine", "constant"], help=f"learning-rate schedule {_DEFAULTS_NOTE % d('schedule')}")
+    g.add_argument("--seed", type=int, default=S, help=f"{_DEFAULTS_NOTE % d('seed')}")
+    g.add_argument("--ece-bins", type=int, default=S, help=f"equal-width bins for ECE {_DEFAULTS_NOTE % d('ece_bins')}")
+    if distill:
+        g = p.add_argument_group("distillation")
+        g.add_argument("--teacher", required=True, metavar="RUN_DIR", help="run directory of the trained teacher")
+        g.add_argument("--temperature", default=S, metavar="T", help=f"distillation temperature T > 0, or 'calibrated' for the teacher's T_cal {_DEFAULTS_NOTE % d('temperature')}")
+        g.add_argument("--alpha", type=float, default=S, help=f"weight of the soft (KL) term in [0, 1] {_DEFAULTS_NOTE % d('alpha')}")
+        g.add_argument("--teacher-calibration", default=S, choices=["none", "temperature"], help="divide the teacher's logits by its T_cal (fitted on val) before T")
+        g.add_argument("--teacher-cache", default=S, choices=["off", "auto"], help=f"reuse stored teacher outputs where exact {_DEFAULTS_NOTE % d('teacher_cache')}")
+    g = p.add_argument_group("hardware (passed to Lightning)")
+    g.add_argument("--accelerator", default=S, help=f"cpu, gpu, auto, ... {_DEFAULTS_NOTE % d('accelerator')}")
+    g.add_argument("--devices", default=S, help=f"number of devices or 'auto' {_DEFAULTS_NOTE % d('devices')}")
+    g.add_argument("--strategy", default=S, help=f"auto, ddp, ... {_DEFAULTS_NOTE % d('strategy')}")
+    g.add_argument("--num-nodes", type=int, default=S, help=f"{_DEFAULTS_NOTE % d('num_nodes')}")
+    g.add_argument("--precision", default=S, help=f"32, 16-mixed, bf16-mixed {_DEFAULTS_NOTE % d('precision')}")
+    g.add_argument("--num-workers", type=int, default=S, help=f"DataLoader workers {_DEFAULTS_NOTE % d('num_workers')}")
+    g = p.add_argument_group("output")
+    g.add_argument("--config", metavar="YAML", help="start from this configuration (a run's config.yaml works); options override it")
+    g.add_argument("--out", required=True, metavar="DIR", help="the run directory to write")
+    g.add_argument("--force", action="store_true", help="overwrite a finished run in --out")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+_NOT_CONFIG = {"command", "func", "config", "out", "force", "quiet"}
+
+
+def _config_from_args(args: argparse.Namespace, kind: str):
+    from cqkd.config import RunConfig
+
+    raw: dict[str, Any] = {}
+    if args.config:
+        import yaml
+
+        try:
+            with open(args.config) as f:
+                loaded = yaml.safe_load(f)
+        except OSError as e:
+            raise CqkdError(f"cannot read --config {args.config!r}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise CqkdError(f"--config {args.config!r} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise CqkdError(f"--config {args.config!r} must hold a mapping of options")
+        raw.update(loaded)
+    raw.update({k: v for k, v in vars(args).items() if k not in _NOT_CONFIG})
+    raw["kind"] = kind
+    if isinstance(raw.get("devices"), str) and raw["devices"].isdigit():
+        raw["devices"] = int(raw["devices"])
+    return RunConfig.from_dict(raw, where="options")
+
+
+def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
+    from cqkd.report import metrics_table
+
+    metrics_table(title, metrics)
+
+
+def cmd_train(args: argparse.Namespace, kind: str = "train") -> int:
+    from cqkd.training import fit_run
+
+    cfg = _config_from_args(args, kind)
+    metrics = fit_run(cfg, args.out, force=args.force, progress=not args.quiet)
+    from cqkd.training import is_rank_zero
+
+    if is_rank_zero():
+        _print_metrics(f"{kind} run {args.out}", metrics)
+        print(f"run directory: {args.out}")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    return cmd_train(args, kind="distill")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cqkd.training import evaluate_run
+
+    metrics = evaluate_run(args.run, progress=not args.quiet)
+    _print_metrics(f"evaluation of {args.run} (test split)", metrics)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from cqkd.report import models_table
+
+    models_table(args.size, args.channels, args.classes)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cqkd.experiments import run_demo
+
+    run_demo(args.out, data_dir=args.data_dir, epochs=args.epochs, train_samples=args.train_samples,
+             force=args.force, progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cqkd import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="cqkd",
+        description="Cross-quality knowledge distillation: train a full-resolution teacher, then "
+                    "distil it into a student that only sees low-resolution views of the same images.",
+        epilog="Run `cqkd COMMAND --help` for a command's options. Each run writes a directory with "
+               "config.yaml, metrics.json, checkpoints/, test_logits.pt and metrics.csv.",
+    )
+    parser.add_argument("--version", action="version", version=f"cqkd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str, description: str | None = None):
+        p = sub.add_parser(name, help=help, description=description or help,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter if name in ("models", "demo") else argparse.HelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("train", cmd_train, "train a model supervised at one input size (a teacher, or a low-resolution baseline)")
+    _add_run_options(p, distill=False)
+    p = add("distill", cmd_distill, "train a low-resolution student by cross-quality distillation from a teacher run",
+            "Train a student on degraded views; the frozen teacher sees the full-resolution view of the same "
+            "crop. Loss = (1-α)·CE + α·T²·KL(softmax(z_t/(T_cal·T)) ‖ softmax(z_s/T)).")
+    _add_run_options(p, distill=True)
+    p = add("evaluate", cmd_evaluate, "recompute and print a run's test metrics from its saved weights")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = add("models", cmd_models, "list the registered models with parameters and FLOPs")
+    p.add_argument("--size", type=int, default=28, help="input size for the FLOPs column")
+    p.add_argument("--channels", type=int, default=1, help="input channels")
+    p.add_argument("--classes", type=int, default=10, help="number of classes")
+    p = add("demo", cmd_demo, "run the default Fashion-MNIST study: teacher, supervised and CQKD students at 14 and 7 px")
+    p.add_argument("--out", default="runs/demo", help="directory for the demo's runs")
+    p.add_argument("--data-dir", default=None, help="a local copy of Fashion-MNIST")
+    p.add_argument("--epochs", type=int, default=None, help="override the demo's epochs per run")
+    p.add_argument("--train-samples", type=int, default=None, help="override the demo's training subset")
+    p.add_argument("--force", action="store_true", help="rerun finished runs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    for extra in _EXTENSIONS:
+        extra(sub, add)
+    return parser
+
+
+# Later modules register subcommands here: callables (subparsers, add) -> None.
+_EXTENSIONS: list[Callable[[Any, Callable[..., argparse.ArgumentParser]], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CqkdError as e:
+        print(f"cqkd: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("cqkd: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Classification and calibration metrics as pure functions of (logits, labels).
+
+Conventions: logits (N, K) float, labels (N,) int64; probabilities p = softmax(logits);
+confidence = max_k p_k; prediction = argmax_k p_k. Entropy and NLL are in nats. Calibration
+errors use equal-width confidence bins (15 by default, Guo et al., 2017) unless stated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _probs(logits: torch.Tensor) -> torch.Tensor:
+    return F.softmax(logits.double(), dim=-1)
+
+
+def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of samples whose argmax is the label."""
+    return float((logits.argmax(-1) == labels).double().mean())
+
+
+def topk(logits: torch.Tensor, labels: torch.Tensor, k: int = 5) -> float:
+    """Fraction of samples whose label is among the k largest logits."""
+    k = min(k, logits.shape[-1])
+    return float((logits.topk(k, dim=-1).indices == labels[:, None]).any(-1).double().mean())
+
+
+def nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Negative log-likelihood  −(1/N) Σ_i log p_{i,y_i}  (nats)."""
+    return float(F.cross_entropy(logits.double(), labels))
+
+
+def brier(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Brier score  (1/N) Σ_i Σ_k (p_ik − 1[y_i = k])²  (Brier, 1950), in [0, 2]."""
+    p = _probs(logits)
+    onehot = F.one_hot(labels, p.shape[-1]).double()
+    return float(((p - onehot) ** 2).sum(-1).mean())
+
+
+def entropy(logits: torch.Tensor) -> float:
+    """Mean predictive entropy  −(1/N) Σ_i Σ_k p_ik log p_ik  (nats)."""
+    logp = F.log_softmax(logits.double(), dim=-1)
+    return float(-(logp.exp() * logp).sum(-1).mean())
+
+
+def confidence(logits: torch.Tensor) -> float:
+    """Mean top-1 confidence  (1/N) Σ_i max_k p_ik."""
+    return float(_probs(logits).max(-1).values.mean())
+
+
+def _bin_stats(conf: torch.Tensor, correct: torch.Tensor, n_bins: int):
+    """Per equal-width bin: (count, mean confidence, accuracy). Bins are (lo, hi], the first [0, hi]."""
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    idx = torch.bucketize(conf.contiguous(), edges[1:-1], right=False)  # conf in (e_{b}, e_{b+1}] -> b
+    count = torch.bincount(idx, minlength=n_bins).double()
+    conf_sum = torch.bincount(idx, weights=conf, minlength=n_bins)
+    acc_sum = torch.bincount(idx, weights=correct.double(), minlength=n_bins)
+    safe = count.clamp(min=1)
+    return count, conf_sum / safe, acc_sum / safe
+
+
+def reliability_bins(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> dict[str, list[float]]:
+    """The data of a reliability diagram: bin edges, counts, mean confidence, accuracy."""
+    p = _probs(logits)
+    conf, pred = p.max(-1)
+    count, mean_conf, acc = _bin_stats(conf, pred == labels, n_bins)
+    return {"edges": torch.linspace(0, 1, n_bins + 1).tolist(), "count": count.tolist(),
+            "confidence": mean_conf.tolist(), "accuracy": acc.tolist()}
+
+
+def calibration_errors(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> dict[str, float]:
+    """Top-1 calibration errors over equal-width bins B_b (Naeini et al., 2015; Guo et al., 2017).
+
+    ECE = Σ_b (|B_b|/N) · |acc(B_b) − conf(B_b)|;  MCE = max_b |acc(B_b) − conf(B_b)|;
+    RMSCE = sqrt(Σ_b (|B_b|/N) · (acc(B_b) − conf(B_b))²).
+    ``ece_over`` sums the bins where conf > acc (over-confidence), ``ece_under`` the others,
+    so ece = ece_over + ece_under.
+    """
+    p = _probs(logits)
+    conf, pred = p.max(-1)
+    count, mean_conf, acc = _bin_stats(conf, pred == labels, n_bins)
+    w = count / count.sum()
+    gap = mean_conf - acc
+    occupied = count > 0
+    return {
+        "ece": float((w * gap.abs()).sum()),
+        "mce": float(gap.abs()[occupied].max()) if occupied.any() else 0.0,
+        "rmsce": float(math.sqrt(float((w * gap**2).sum()))),
+        "ece_over": float((w * gap.clamp(min=0)).sum()),
+        "ece_under": float((w * (-gap).clamp(min=0)).sum()),
+    }
+
+
+def ece(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    return calibration_errors(logits, labels, n_bins)["ece"]
+
+
+def adaptive_ece(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """ECE over equal-mass bins: samples sorted by confidence, split into n_bins groups of
+    (nearly) equal size (Nixon et al., 2019)."""
+    p = _probs(logits)
+    conf, pred = p.max(-1)
+    order = conf.argsort()
+    correct = (pred == labels).double()[order]
+    conf = conf[order]
+    n = len(conf)
+    total = 0.0
+    for chunk_c, chunk_a in zip(conf.tensor_split(n_bins), correct.tensor_split(n_bins)):
+        if len(chunk_c):
+            total += len(chunk_c) / n * abs(float(chunk_c.mean() - chunk_a.mean()))
+    return total
+
+
+def classwise_ece(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """Classwise ECE (Kull et al., 2019): the mean over classes k of the ECE of p_k against
+    1[y = k], with equal-width bins on p_k."""
+    p = _probs(logits)
+    k = p.shape[-1]
+    total = 0.0
+    for c in range(k):
+        count, mean_p, freq = _bin_stats(p[:, c], labels == c, n_bins)
+        total += float(((count / count.sum()) * (mean_p - freq).abs()).sum())
+    return total / k
+
+
+def all_metrics(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> dict[str, float]:
+    """Every metric cqkd reports for a set of predictions."""
+    logits, labels = logits.detach().cpu(), labels.detach().cpu()
+    out = {"top1": top1(logits, labels)}
+    if logits.shape[-1] > 10:
+        out["top5"] = topk(logits, labels, 5)
+    out.update(nll=nll(logits, labels), brier=brier(logits, labels))
+    out.update(calibration_errors(logits, labels, n_bins))
+    out.update(adaptive_ece=adaptive_ece(logits, labels, n_bins),
+               classwise_ece=classwise_ece(logits, labels, n_bins),
+               entropy=entropy(logits), confidence=confidence(logits),
+               n=int(len(labels)), ece_bins=n_bins)
+    return out
+
+
+def mean_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> float:
+    """Mean KL(p_teacher ‖ p_student) over samples, in nats (both at temperature 1)."""
+    log_t = F.log_softmax(teacher_logits.double(), -1)
+    log_s = F.log_softmax(student_logits.double(), -1)
+    return float((log_t.exp() * (log_t - log_s)).sum(-1).mean())

@@ -1,0 +1,71 @@
+"""Tables for the terminal and for Markdown (plots live in ``cqkd.plots``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+_MAIN_KEYS = ("top1", "top5", "nll", "brier", "ece", "adaptive_ece", "classwise_ece", "mce", "rmsce",
+              "ece_over", "ece_under", "entropy", "confidence")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def metrics_table(title: str, metrics: dict[str, Any]) -> None:
+    """Print a run's metrics as a two-column table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in _MAIN_KEYS:
+        if key in metrics:
+            table.add_row(key, _fmt(metrics[key]))
+    for key in ("model", "size", "params", "flops", "epochs", "seed", "temperature", "alpha", "t_cal",
+                "teacher_calibration", "kl_teacher_student"):
+        if metrics.get(key) is not None:
+            table.add_row(key, _fmt(metrics[key]))
+    for prefix in ("teacher_metrics", "teacher_lr_metrics"):
+        for key, value in (metrics.get(prefix) or {}).items():
+            table.add_row(f"{prefix}.{key}", _fmt(value))
+    Console().print(table)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def print_rows(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for h in headers:
+        table.add_column(h, justify="left" if h in ("method", "model", "run") else "right")
+    for row in rows:
+        table.add_row(*(_fmt(c) for c in row))
+    Console().print(table)
+
+
+def models_table(size: int, channels: int, classes: int) -> None:
+    """Print the model registry with parameters and forward FLOPs at ``size``."""
+    from cqkd.models import MODELS, build_model, count_flops, count_params
+
+    rows = []
+    for name, spec in MODELS.items():
+        if size < spec.min_size:
+            rows.append((name, spec.family, "-", "-", spec.description))
+            continue
+        model = build_model(name, classes, channels, size)
+        rows.append((name, spec.family, f"{count_params(model) / 1e6:.3f}M",
+                     f"{count_flops(model, channels, size) / 1e6:.2f}M", spec.description))
+    rows.append(("timm:NAME", "timm", "", "", "any timm model, e.g. timm:resnet18"))
+    rows.append(("<torchvision name>", "torchvision", "", "", "any torchvision classification model"))
+    print_rows(f"models (FLOPs per image at {size}x{size}x{channels})", ("model", "family", "params", "FLOPs", "description"), rows)

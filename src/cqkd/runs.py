@@ -1,0 +1,163 @@
+"""Run directories: what a run writes, atomically, and in which state it is.
+
+Layout of a run directory::
+
+    config.yaml        the fully resolved RunConfig (enough to rerun)
+    status.json        {"state": "running" | "finished" | "failed", ...}
+    metrics.json       test metrics and run facts, written last
+    test_logits.pt     {"logits", "labels"} of the test split (plain tensors)
+    model.safetensors  the selected (best on val) weights of the trained model
+    checkpoints/       Lightning checkpoints: best.ckpt (on val) and last.ckpt
+    metrics.csv        training curves (Lightning's CSVLogger)
+
+Every file is written to a temporary name in the same directory and renamed into place,
+so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from cqkd.config import RunConfig
+from cqkd.errors import CqkdError
+
+STATES = ("running", "finished", "failed")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "w") -> None:
+    """Call ``write(f)`` on a temporary file next to ``path``, fsync it, then rename it in place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def write_yaml(path: str | os.PathLike, data: Any) -> None:
+    atomic_write(path, lambda f: yaml.safe_dump(data, f, sort_keys=False))
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text))
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+    atomic_write(path, lambda f: torch.save(tensors, f), mode="wb")
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a dict of tensors without unpickling arbitrary objects."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CqkdError(f"{path} does not exist") from None
+    except Exception as e:
+        raise CqkdError(f"{path} is corrupt or not a tensor file ({type(e).__name__})") from None
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CqkdError(f"{path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise CqkdError(f"{path} is not valid JSON ({e})") from None
+
+
+class RunDir:
+    """A run directory and the files in it."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    config_file = property(lambda self: self.path / "config.yaml")
+    status_file = property(lambda self: self.path / "status.json")
+    metrics_file = property(lambda self: self.path / "metrics.json")
+    logits_file = property(lambda self: self.path / "test_logits.pt")
+    weights_file = property(lambda self: self.path / "model.safetensors")
+    checkpoint_dir = property(lambda self: self.path / "checkpoints")
+    calibration_file = property(lambda self: self.path / "calibration.json")
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # ---------------------------------------------------------------- state
+    @property
+    def state(self) -> str | None:
+        if not self.status_file.exists():
+            return None
+        try:
+            return json.loads(self.status_file.read_text()).get("state")
+        except (json.JSONDecodeError, OSError):
+            return None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.state == "finished" and self.metrics_file.exists()
+
+    def set_state(self, state: str, **info: Any) -> None:
+        assert state in STATES, state
+        write_json(self.status_file, {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info})
+
+    def prepare(self, cfg: RunConfig, force: bool = False, resume: bool = False) -> None:
+        """Create the directory for a new run (refusing to overwrite a finished one)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise CqkdError(f"--out {str(self.path)!r} exists and is not a directory")
+        if self.is_finished and not force:
+            raise CqkdError(f"--out {str(self.path)!r} holds a finished run; pass --force to overwrite it")
+        if not resume and self.path.exists() and any(self.path.iterdir()) and not force and self.state is None:
+            raise CqkdError(f"--out {str(self.path)!r} is not empty and is not a cqkd run; choose another directory")
+        if force and not resume:
+            for f in (self.metrics_file, self.logits_file, self.weights_file, self.calibration_file,
+                      self.path / "metrics.csv"):
+                f.unlink(missing_ok=True)
+            if self.checkpoint_dir.exists():
+                for f in self.checkpoint_dir.iterdir():
+                    f.unlink()
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_yaml(self.config_file, cfg.to_dict())
+        self.set_state("running", pid=os.getpid())
+
+    # ---------------------------------------------------------------- contents
+    def config(self) -> RunConfig:
+        if not self.config_file.exists():
+            raise CqkdError(f"{str(self.path)!r} is not a cqkd run directory (no config.yaml)")
+        try:
+            raw = yaml.safe_load(self.config_file.read_text())
+        except yaml.YAMLError as e:
+            raise CqkdError(f"{self.config_file} is not valid YAML ({e})") from None
+        if not isinstance(raw, dict):
+            raise CqkdError(f"{self.config_file} is not a mapping")
+        return RunConfig.from_dict(raw, where=str(self.config_file))
+
+    def metrics(self) -> dict[str, Any]:
+        return read_json(self.metrics_file)
+
+    def test_logits(self) -> dict[str, torch.Tensor]:
+        return load_tensors(self.logits_file)
+
+    def require_weights(self) -> Path:
+        if not self.weights_file.exists():
+            hint = " (the run is still running or failed)" if self.state in ("running", "failed") else ""
+            raise CqkdError(f"run {str(self.path)!r} has no trained model ({self.weights_file.name} missing){hint}")
+        return self.weights_file

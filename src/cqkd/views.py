@@ -1,0 +1,113 @@
+"""Batch-level augmentation with explicit view parameters.
+
+A *view* of an image is described by integers: a horizontal flip bit and a translation
+(dx, dy) in pixels. Sampling the parameters and applying them are separate steps, so the
+same parameters can (a) produce the teacher's full-resolution view and, after degradation,
+the student's view of the *same* crop, and (b) be stored next to cached teacher outputs.
+Everything runs on whole uint8 or float batches on the training device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cqkd.errors import CqkdError
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """Random horizontal flip and a random integer translation of up to ``translate`` px.
+
+    Translations pad with zeros (the background of Fashion-MNIST and the synthetic data).
+    ``ViewSpec(flip=False, translate=0)`` is the identity (no augmentation).
+    """
+
+    flip: bool = True
+    translate: int = 2
+
+    def __post_init__(self) -> None:
+        if self.translate < 0:
+            raise CqkdError(f"translate must be >= 0, got {self.translate}")
+
+    @classmethod
+    def parse(cls, spec: str) -> "ViewSpec":
+        """``"flip,translate=2"``, ``"translate=4"`` or ``"none"``."""
+        spec = spec.strip()
+        if spec in ("none", "off", ""):
+            return cls(flip=False, translate=0)
+        flip, translate = False, 0
+        for part in (p.strip() for p in spec.split(",")):
+            key, _, value = part.partition("=")
+            if key == "flip":
+                flip = value.lower() not in ("0", "false", "no") if value else True
+            elif key == "translate":
+                try:
+                    translate = int(value)
+                except ValueError:
+                    raise CqkdError(f"bad translate value {value!r} in augmentation {spec!r}") from None
+            else:
+                raise CqkdError(f"unknown augmentation {key!r} in {spec!r} (valid: flip, translate=N, none)")
+        return cls(flip=flip, translate=translate)
+
+    def spec(self) -> str:
+        if self.is_identity:
+            return "none"
+        parts = (["flip"] if self.flip else []) + ([f"translate={self.translate}"] if self.translate else [])
+        return ",".join(parts)
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.flip and self.translate == 0
+
+    @property
+    def num_views(self) -> int:
+        """How many distinct views an image has under this spec."""
+        return (2 if self.flip else 1) * (2 * self.translate + 1) ** 2
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Draw parameters for ``n`` images: int64 tensor (n, 3) of (flip, dx, dy), on CPU."""
+        params = torch.zeros(n, 3, dtype=torch.int64)
+        if self.flip:
+            params[:, 0] = torch.randint(0, 2, (n,), generator=generator)
+        if self.translate:
+            t = self.translate
+            params[:, 1:] = torch.randint(-t, t + 1, (n, 2), generator=generator)
+        return params
+
+    def enumerate(self) -> torch.Tensor:
+        """All distinct views as an int64 tensor (num_views, 3)."""
+        flips = [0, 1] if self.flip else [0]
+        shifts = range(-self.translate, self.translate + 1)
+        return torch.tensor([(f, dx, dy) for f in flips for dx in shifts for dy in shifts], dtype=torch.int64)
+
+
+def apply_views(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Apply per-image (flip, dx, dy) to a batch (N, C, H, W) of any dtype, on its device.
+
+    A positive dx moves the content right, a positive dy moves it down; uncovered pixels are 0.
+    """
+    params = params.to(x.device)
+    flip = params[:, 0].bool()
+    if flip.any():
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    shift = params[:, 1:]
+    t = int(shift.abs().max()) if shift.numel() else 0
+    if t == 0:
+        return x
+    n, c, h, w = x.shape
+    padded = F.pad(x, (t, t, t, t))
+    rows = torch.arange(h, device=x.device).view(1, h) + t - shift[:, 1:2]  # (N, H)
+    cols = torch.arange(w, device=x.device).view(1, w) + t - shift[:, 0:1]  # (N, W)
+    out = padded.gather(2, rows.view(n, 1, h, 1).expand(n, c, h, w + 2 * t))
+    return out.gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))
+
+
+def step_generator(seed: int, step: int, rank: int = 0, stream: int = 0) -> torch.Generator:
+    """A CPU generator determined by (seed, step, rank, stream): reproducible and resumable
+    without saving RNG state, and independent across ranks and uses."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + step * 7919 + rank * 104_729 + stream * 15_485_863) % (2**63 - 1))
+    return g
