@@ -193,11 +193,9 @@ _EXTENSIONS: list[Callable[[Any, Callable[..., argparse.ArgumentParser]], None]]
 
 def _quiet_libraries() -> None:
     """Keep Lightning's banners and known-harmless warnings out of the user's terminal."""
-    import logging
     import warnings
 
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ["CQKD_QUIET_LIGHTNING"] = "1"
     for pattern in (".*LeafSpec.*", ".*does not have many workers.*", ".*Experiment logs directory.*",
                     ".*exists and is not empty.*", ".*litlogger.*"):
         warnings.filterwarnings("ignore", message=pattern)

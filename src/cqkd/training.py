@@ -177,6 +177,11 @@ def make_trainer(cfg: RunConfig, run_dir: Path | None, progress: bool = True, **
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger
 
+    if os.environ.get("CQKD_QUIET_LIGHTNING"):
+        import logging
+
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     callbacks: list[Any] = []
     logger: Any = False
     if run_dir is not None:
