@@ -191,6 +191,40 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTENSIONS: list[Callable[[Any, Callable[..., argparse.ArgumentParser]], None]] = []
 
 
+# ---------------------------------------------------------------------- sweep and report
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from cqkd.sweep import load_sweep, run_sweep
+
+    plan = load_sweep(args.config, args.out)
+    result = run_sweep(plan, force=args.force, dry_run=args.dry_run, progress=not args.quiet)
+    return 0 if result.ok else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cqkd.study_report import write_report
+
+    paths = write_report(args.dir)
+    print(f"report: {paths['report']}  table: {paths['csv']}  figures: {len(paths['figures'])}")
+    return 0
+
+
+def _add_sweep_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
+    p = add("sweep", cmd_sweep, "run a resumable grid of teacher, supervised and CQKD runs from a YAML file",
+            "Run every grid point of CONFIG.yaml (base, teachers, supervised, distill) as a run directory "
+            "under --out. Finished runs with the same resolved config are skipped; failed runs are "
+            "recorded in DIR/sweep.json and the sweep goes on (exit 1 at the end if any failed).")
+    p.add_argument("config", metavar="CONFIG.yaml", help="the sweep file (see configs/fashion-mnist-study.yaml)")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the sweep's runs and sweep.json")
+    p.add_argument("--dry-run", action="store_true", help="list what would run and what is done; run nothing")
+    p.add_argument("--force", action="store_true", help="rerun finished runs too")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p = add("report", cmd_report, "write DIR/results.csv, DIR/report.md and figures for a sweep directory")
+    p.add_argument("dir", metavar="DIR", help="a sweep output directory (with sweep.json) or any folder of runs")
+
+
+_EXTENSIONS.append(_add_sweep_commands)
+
+
 def _quiet_libraries() -> None:
     """Keep Lightning's banners and known-harmless warnings out of the user's terminal."""
     import warnings
