@@ -1,0 +1,156 @@
+"""Figures of a sweep report (matplotlib, Agg backend, imported only when a report is drawn).
+
+Each function takes the report's rows, distillation series and size table, draws one PNG
+atomically and returns False when there is nothing to draw.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+from cqkd.runs import atomic_write
+from cqkd.study_report import (Series, _f, mean_std, pearson, settings_table, supervised_for)
+
+_METRICS = (("top1", "test top-1"), ("ece", "ECE"), ("entropy", "mean entropy (nats)"))
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    _plt().close(fig)
+    atomic_write(path, lambda f: f.write(buf.getvalue()), mode="wb")
+
+
+def _fixed_points(s: Series, tcal: str, key: str) -> tuple[list[float], list[float], list[float]]:
+    xs, ms, ss = [], [], []
+    for e in settings_table(s):
+        if e["T"] == "calibrated" or e["tcal"] != tcal:
+            continue
+        m, sd, _ = e[key]
+        xs.append(float(e["T"]))
+        ms.append(m)
+        ss.append(0.0 if math.isnan(sd) else sd)
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    return [xs[i] for i in order], [ms[i] for i in order], [ss[i] for i in order]
+
+
+def temperature_figure(rows: list[dict[str, Any]], series: list[Series], sizes: Any, path: Path) -> bool:
+    """Top-1, ECE and entropy against T (log2), one line per series, supervised bands."""
+    if not any(_fixed_points(s, "none", "top1")[0] for s in series):
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, s in enumerate(series):
+        c = colors[i % len(colors)]
+        sup = supervised_for(rows, s.size, s.model)
+        for ax, (key, label) in zip(axes, _METRICS):
+            xs, ms, ss = _fixed_points(s, "none", key)
+            if not xs:
+                continue
+            ax.errorbar(xs, ms, yerr=ss, color=c, marker="o", capsize=3, label=s.label)
+            for e in settings_table(s):  # T = T_cal, placed at the mean T_cal used
+                if e["T"] == "calibrated" and e["tcal"] == "none" and not math.isnan(e["temperature_used"][0]):
+                    m, sd, _ = e[key]
+                    ax.errorbar([e["temperature_used"][0]], [m], yerr=[0 if math.isnan(sd) else sd], color=c,
+                                marker="*", markersize=12, capsize=3, linestyle="none")
+            if sup:
+                m, sd, _ = mean_std([_f(r, key) for r in sup])
+                ax.axhline(m, color=c, linestyle="--", linewidth=1, label=f"supervised {s.size} px")
+                if not math.isnan(sd):
+                    ax.axhspan(m - sd, m + sd, color=c, alpha=0.12)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("distillation temperature T")
+            ax.set_ylabel(label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("CQKD students against T (mean ± std over seeds)")
+    _save(fig, path)
+    return True
+
+
+def size_figure(rows: list[dict[str, Any]], series: list[Series], sizes: list[dict[str, Any]], path: Path) -> bool:
+    """Top-1 against input size: teacher, supervised, best-by-val CQKD student."""
+    if not sizes:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for e in sizes:
+        kind = "teacher" if e["method"].startswith("teacher") else e["method"].split(" [")[0]
+        groups.setdefault(kind, []).append(e)
+    markers = {"teacher": "s", "supervised": "o", "CQKD (best by val)": "^"}
+    for kind, es in groups.items():
+        es = sorted(es, key=lambda e: e["size"])
+        ax.errorbar([e["size"] for e in es], [e["top1"][0] for e in es],
+                    yerr=[0 if math.isnan(e["top1"][1]) else e["top1"][1] for e in es],
+                    marker=markers.get(kind, "o"), capsize=3, label=kind, linestyle="-" if len(es) > 1 else "none")
+    ax.set_xlabel("input size (px)")
+    ax.set_ylabel("test top-1")
+    ax.set_xscale("log", base=2)
+    ax.legend(fontsize=8)
+    ax.set_title("top-1 against input size (CQKD setting chosen on val)")
+    _save(fig, path)
+    return True
+
+
+def entropy_figure(rows: list[dict[str, Any]], series: list[Series], sizes: Any, path: Path) -> bool:
+    """Student entropy against ECE and against top-1 over all distilled runs, with Pearson r."""
+    pts = [r for s in series for r in s.rows if _f(r, "entropy") is not None]
+    if len(pts) < 2:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, key, label in ((axes[0], "ece", "ECE"), (axes[1], "top1", "test top-1")):
+        xs_all, ys_all = [], []
+        for i, s in enumerate(series):
+            xs = [_f(r, "entropy") for r in s.rows]
+            ys = [_f(r, key) for r in s.rows]
+            ok = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None]
+            ax.scatter([x for x, _ in ok], [y for _, y in ok], color=colors[i % len(colors)], label=s.label, s=22)
+            xs_all += [x for x, _ in ok]
+            ys_all += [y for _, y in ok]
+        r = pearson(xs_all, ys_all)
+        ax.set_title(f"entropy vs {label}: Pearson r = {r:.2f} (n={len(xs_all)})" if not math.isnan(r)
+                     else f"entropy vs {label} (n={len(xs_all)}; r undefined)")
+        ax.set_xlabel("student mean entropy (nats)")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
+def calibration_figure(rows: list[dict[str, Any]], series: list[Series], sizes: Any, path: Path) -> bool:
+    """Top-1 and ECE against T, with (dashed) and without (solid) teacher calibration."""
+    if not any(_fixed_points(s, "temperature", "top1")[0] for s in series):
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, s in enumerate(series):
+        c = colors[i % len(colors)]
+        for ax, (key, label) in zip(axes, _METRICS[:2]):
+            for tcal, style in (("none", "-"), ("temperature", "--")):
+                xs, ms, ss = _fixed_points(s, tcal, key)
+                if xs:
+                    ax.errorbar(xs, ms, yerr=ss, color=c, linestyle=style, marker="o" if tcal == "none" else "D",
+                                capsize=3, label=f"{s.label}, teacher calibration={tcal}")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("distillation temperature T")
+            ax.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("teacher calibration (temperature scaling) on and off, mean ± std over seeds")
+    _save(fig, path)
+    return True
