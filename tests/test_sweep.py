@@ -1,0 +1,227 @@
+"""Sweeps and their report, on the synthetic dataset with tiny settings (no Fashion-MNIST)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cqkd.cli import main
+from cqkd.errors import CqkdError
+from cqkd.runs import RunDir, read_json
+from cqkd.study_report import findings, mean_std, pearson, spearman, verdict, write_report
+from cqkd.sweep import load_sweep, plan_sweep, run_sweep
+
+TINY = {"dataset": "synthetic", "train_samples": 200, "epochs": 1, "accelerator": "cpu"}
+SPEC = {
+    "base": TINY,
+    "budget_minutes": 10,
+    "teachers": {"t28": {"model": "cnn-small", "size": 28}},
+    "supervised": {"model": "cnn-small", "size": 7, "seed": 0},
+    "distill": {"teacher": "t28", "model": "cnn-small", "size": 7, "temperature": [1, 4], "seed": [0, 1]},
+}
+
+
+def _write(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    cfg = _write(root / "sweep.yaml", SPEC)
+    out = root / "out"
+    assert main(["sweep", str(cfg), "--out", str(out), "--quiet"]) == 0
+    return cfg, out
+
+
+def test_plan_names_order_and_teachers_first(tmp_path):
+    plan = plan_sweep(SPEC, tmp_path / "o")
+    names = [r.name for r in plan.runs]
+    assert names[0] == "teachers/t28"
+    assert names[1] == "supervised/model=cnn-small,size=7,seed=0"
+    # seed is the outer loop of a grid, so seed 0 is complete first
+    assert names[2:] == [f"distill/teacher=t28,model=cnn-small,size=7,T={t},tcal=none,alpha=0.5,seed={s}"
+                         for s in (0, 1) for t in (1, 4)]
+    assert plan.runs[2].cfg.teacher == str(tmp_path / "o" / "teachers" / "t28")
+    # a key given in a grid beyond the fixed ones appears in the name; unsafe characters are replaced
+    plan = plan_sweep({**SPEC, "distill": {**SPEC["distill"], "lr": [0.01], "augment": "flip,translate=1"}}, tmp_path)
+    assert plan.runs[-1].name.endswith("augment=flip_translate_1,lr=0.01,seed=1")
+
+
+def test_sweep_completes_then_skips(sweep):
+    cfg, out = sweep
+    state = read_json(out / "sweep.json")
+    assert len(state["runs"]) == 6
+    assert {e["state"] for e in state["runs"].values()} == {"finished"}
+    assert state["total_wall_s"] > 0 and state["budget_minutes"] == 10
+    for name in state["runs"]:
+        assert RunDir(out / name).is_finished
+    again = run_sweep(load_sweep(cfg, out), progress=False, print_fn=lambda s: None)
+    assert again.ran == [] and again.failed == {} and len(again.skipped) == 6
+    assert len(read_json(out / "sweep.json")["invocations"]) == 2
+
+
+def test_deleted_run_is_rerun_alone(sweep):
+    cfg, out = sweep
+    victim = "distill/teacher=t28,model=cnn-small,size=7,T=4,tcal=none,alpha=0.5,seed=1"
+    shutil.rmtree(out / victim)
+    result = run_sweep(load_sweep(cfg, out), progress=False, print_fn=lambda s: None)
+    assert result.ran == [victim] and result.ok
+
+
+def test_dry_run_sees_stale_configs_and_teachers(sweep, tmp_path, capsys):
+    cfg, out = sweep
+    assert main(["sweep", str(cfg), "--out", str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "6 runs: 6 done, 0 to run" in text and "[done] teachers/t28" in text
+    # a changed value changes the digest: every student would rerun, the teacher would not
+    changed = _write(tmp_path / "changed.yaml", {**SPEC, "distill": {**SPEC["distill"], "alpha": 0.7}})
+    res = run_sweep(load_sweep(changed, out), dry_run=True, print_fn=lambda s: None)
+    assert sorted(res.skipped) == ["supervised/model=cnn-small,size=7,seed=0", "teachers/t28"]
+    # the same settings through another spelling of --out are still done
+    res = run_sweep(load_sweep(cfg, str(out) + "/./"), dry_run=True, print_fn=lambda s: None)
+    assert len(res.skipped) == 6
+
+
+def test_failed_points_are_recorded_and_the_rest_finish(sweep, tmp_path, capsys):
+    _, out = sweep
+    spec = {"base": TINY,
+            "teachers": {"old": {"path": str(out / "teachers" / "t28")}},
+            "supervised": {"size": 64},  # larger than the 28 px images
+            "distill": {"model": ["cnn-small", "no-such-net"], "size": 7, "temperature": 2}}
+    cfg = _write(tmp_path / "fail.yaml", spec)
+    out2 = tmp_path / "out2"
+    assert main(["sweep", str(cfg), "--out", str(out2), "--quiet"]) == 1
+    state = read_json(out2 / "sweep.json")["runs"]
+    assert state["supervised/model=cnn-small,size=64,seed=0"]["state"] == "failed"
+    assert "larger than" in state["supervised/model=cnn-small,size=64,seed=0"]["error"]
+    bad = "distill/teacher=old,model=no-such-net,size=7,T=2,tcal=none,alpha=0.5,seed=0"
+    assert state[bad]["state"] == "failed" and "no-such-net" in state[bad]["error"]
+    good = "distill/teacher=old,model=cnn-small,size=7,T=2,tcal=none,alpha=0.5,seed=0"
+    assert state[good]["state"] == "finished" and RunDir(out2 / good).is_finished
+    assert state["teachers/old"]["state"] == "external"
+    assert "2 failed" in capsys.readouterr().out
+    paths = write_report(out2)  # a report with failures and an external teacher
+    assert "## Failed runs" in paths["report"].read_text()
+
+
+def test_students_of_a_failed_teacher_are_skipped(tmp_path):
+    spec = {"base": TINY, "teachers": {"bad": {"model": "no-such-net"}},
+            "distill": {"size": 7, "temperature": [1, 2]}}
+    plan = plan_sweep(spec, tmp_path / "o")
+    result = run_sweep(plan, progress=False, print_fn=lambda s: None)
+    assert set(result.failed) == {r.name for r in plan.runs}
+    students = [n for n in result.failed if n.startswith("distill/")]
+    assert len(students) == 2 and all("teacher 'bad' failed" in result.failed[n] for n in students)
+    assert not (tmp_path / "o" / students[0]).exists()  # never started
+
+
+def test_report_files_and_csv(sweep):
+    _, out = sweep
+    assert main(["report", str(out)]) == 0
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6
+    for col in ("run", "role", "state", "size", "temperature", "teacher_calibration", "alpha", "seed", "model",
+                "top1", "ece", "entropy", "best_val_top1", "flops", "temperature_used", "teacher_metrics.top1",
+                "teacher_lr_metrics.ece", "config_digest"):
+        assert col in rows[0], col
+    assert sorted(r["role"] for r in rows) == ["distill"] * 4 + ["supervised", "teachers"]
+    assert {r["temperature_used"] for r in rows if r["role"] == "distill"} == {"1.0", "4.0"}
+    text = (out / "report.md").read_text()
+    for needle in ("## Findings", "Verdict rule", "FLOPs/image", "budget: 10 min", "figures/temperature.png",
+                   "best by val"):
+        assert needle in text, needle
+    for fig in ("temperature", "size", "entropy"):
+        assert (out / "figures" / f"{fig}.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"teachrs": {}}, "unknown key 'teachrs' (did you mean 'teachers'?)"),
+    ({"base": {**TINY, "epoch": 1}}, "base: unknown key 'epoch'"),
+    ({"distill": {"temprature": [1, 2]}}, "unknown key 'temprature'"),
+    ({"distill": {"alpha": [0.5, 2]}}, "alpha=2.0"),
+    ({"distill": {"teacher": "nobody"}}, "teacher='nobody'"),
+    ({"supervised": {"size": []}}, "size is an empty list"),
+    ({"base": {**TINY, "kind": "distill"}}, "'kind' is set by the sweep"),
+])
+def test_bad_yaml_exits_2_naming_the_key(tmp_path, capsys, change, needle):
+    cfg = _write(tmp_path / "bad.yaml", {**SPEC, **change})
+    assert main(["sweep", str(cfg), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cqkd: error: ") and needle in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_study_config_plans_the_paper_design():
+    cfg = Path(__file__).parent.parent / "configs" / "fashion-mnist-study.yaml"
+    plan = load_sweep(cfg, "runs/study")
+    groups = [r.group for r in plan.runs]
+    assert groups.count("teachers") == 1 and groups.count("supervised") == 6
+    assert groups.count("distill") == 2 * 3 * (7 + 3)  # sizes × seeds × (7 T settings + 3 calibrated)
+    assert len(plan.runs) >= 60
+    assert {r.cfg.teacher_calibration for r in plan.runs if r.group == "distill"} == {"none", "temperature"}
+    assert all(r.cfg.dataset == "fashion-mnist" for r in plan.runs)
+
+
+# ------------------------------------------------------------------------------ statistics
+
+def test_correlations_and_verdicts_golden():
+    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert pearson([1, 2, 3], [3, 1, 2]) == pytest.approx(-0.5)
+    assert spearman([1, 2, 4, 8], [0.1, 0.5, 0.6, 3.0]) == pytest.approx(1.0)
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, abs=1e-6)
+    assert math.isnan(pearson([1, 2], [1, 2]))  # fewer than 3 points
+    m, s, n = mean_std([1.0, 2.0, 3.0])
+    assert (m, s, n) == (2.0, 1.0, 3)
+    assert verdict(0.05, 0.01, 3, +1) == "holds"
+    assert verdict(-0.05, 0.01, 3, +1) == "does not hold"
+    assert verdict(0.01, 0.01, 3, +1) == "inconclusive"
+    assert verdict(0.05, math.nan, 1, +1).startswith("inconclusive")
+
+
+def _row(role, size, seed, top1, val, **kw):
+    base = {"run": f"{role}/{size}/{seed}/{kw}", "role": role, "state": "finished", "size": size, "seed": seed,
+            "model": "cnn-small", "top1": top1, "best_val_top1": val, "teacher_calibration": "none",
+            "temperature": 4.0, "alpha": 0.5, "teacher": "t", "ece": 0.1, "entropy": 0.5}
+    base.update(kw)
+    return base
+
+
+def test_findings_choose_by_val_and_pair_by_seed():
+    rows = []
+    for seed in range(3):
+        rows.append(_row("supervised", 7, seed, 0.70 + 0.01 * seed, 0.7))
+        for t in (1.0, 4.0, 16.0):
+            # T=16 is best on val but T=4 is best on test: the finding must use T=16
+            top1 = {1.0: 0.70, 4.0: 0.80, 16.0: 0.75}[t] + 0.01 * seed
+            val = {1.0: 0.70, 4.0: 0.72, 16.0: 0.74}[t]
+            ent = {1.0: 0.2, 4.0: 0.4, 16.0: 0.8}[t] + 0.01 * seed
+            ece = {1.0: 0.10, 4.0: 0.05, 16.0: 0.02}[t]
+            rows.append(_row("distill", 7, seed, top1, val, temperature=t, temperature_used=t, entropy=ent, ece=ece))
+            rows.append(_row("distill", 7, seed, top1 + 0.01 * (seed + 2), val - 0.1, temperature=t,
+                             temperature_used=t, teacher_calibration="temperature", ece=ece - 0.01))
+    found = findings(rows)
+    f1 = [f for f in found if f["finding"] == 1]
+    assert len(f1) == 1 and "T=16" in f1[0]["what"] and "tcal=none" in f1[0]["what"]
+    assert f1[0]["mean"] == pytest.approx(0.05) and f1[0]["n"] == 3 and f1[0]["verdict"] == "holds"
+    f2 = {f["what"]: f for f in found if f["finding"] == 2}
+    assert f2["Spearman ρ(T, entropy)"]["mean"] == pytest.approx(1.0)
+    assert f2["Pearson r(entropy, ECE)"]["mean"] < -0.9
+    f3 = {f["what"].split(" (")[0]: f for f in found if f["finding"] == 3}
+    top = f3["top-1 calibrated − uncalibrated teacher"]
+    assert top["mean"] == pytest.approx(0.03) and top["std"] == pytest.approx(0.01) and top["verdict"] == "holds"
+    assert f3["ECE calibrated − uncalibrated teacher"]["mean"] == pytest.approx(-0.01)
+
+
+def test_plan_errors_name_teacher_path(tmp_path):
+    with pytest.raises(CqkdError, match="teachers.x: path="):
+        plan_sweep({"teachers": {"x": {"path": str(tmp_path / "none")}}}, tmp_path)
+    with pytest.raises(CqkdError, match="takes no other keys"):
+        plan_sweep({"teachers": {"x": {"path": "a", "model": "cnn-small"}}}, tmp_path)
