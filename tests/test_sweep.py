@@ -225,3 +225,12 @@ def test_plan_errors_name_teacher_path(tmp_path):
         plan_sweep({"teachers": {"x": {"path": str(tmp_path / "none")}}}, tmp_path)
     with pytest.raises(CqkdError, match="takes no other keys"):
         plan_sweep({"teachers": {"x": {"path": "a", "model": "cnn-small"}}}, tmp_path)
+
+
+def test_demo_is_the_demo_yaml_sweep(tmp_path):
+    from cqkd.experiments import demo_spec
+
+    from_code = plan_sweep(demo_spec(), tmp_path / "demo")
+    from_file = load_sweep(Path(__file__).parent.parent / "configs" / "demo.yaml", tmp_path / "demo")
+    assert [(r.name, r.cfg.digest()) for r in from_code.runs] == [(r.name, r.cfg.digest()) for r in from_file.runs]
+    assert len(from_code.runs) == 5

@@ -138,9 +138,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from cqkd.experiments import run_demo
 
-    run_demo(args.out, data_dir=args.data_dir, epochs=args.epochs, train_samples=args.train_samples,
-             force=args.force, progress=not args.quiet)
-    return 0
+    rows = run_demo(args.out, data_dir=args.data_dir, epochs=args.epochs, train_samples=args.train_samples,
+                    force=args.force, progress=not args.quiet)
+    return 1 if any(r["top-1"] == "failed" for r in rows) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
