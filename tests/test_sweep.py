@@ -234,3 +234,17 @@ def test_demo_is_the_demo_yaml_sweep(tmp_path):
     from_file = load_sweep(Path(__file__).parent.parent / "configs" / "demo.yaml", tmp_path / "demo")
     assert [(r.name, r.cfg.digest()) for r in from_code.runs] == [(r.name, r.cfg.digest()) for r in from_file.runs]
     assert len(from_code.runs) == 5
+
+
+def test_one_sweep_at_a_time_per_directory(tmp_path):
+    import os
+
+    spec = {"base": TINY, "teachers": {"bad": {"model": "no-such-net"}}}
+    plan = plan_sweep(spec, tmp_path / "o")
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / ".sweep.lock").write_text(str(os.getppid()))  # a live process
+    with pytest.raises(CqkdError, match="another sweep"):
+        run_sweep(plan, progress=False, print_fn=lambda s: None)
+    (tmp_path / "o" / ".sweep.lock").write_text("999999999")  # a process that has ended
+    assert not run_sweep(plan, progress=False, print_fn=lambda s: None).ok
+    assert not (tmp_path / "o" / ".sweep.lock").exists()

@@ -373,15 +373,43 @@ class _Estimator:
 def run_sweep(plan: SweepPlan, force: bool = False, dry_run: bool = False, progress: bool = True,
               print_fn: Callable[[str], None] | None = None,
               fit: Callable[..., dict[str, Any]] | None = None) -> SweepResult:
-    """Run every unfinished run of ``plan`` (teachers first), recording states in sweep.json."""
-    from rich.console import Console
+    """Run every unfinished run of ``plan`` (teachers first), recording states in sweep.json.
 
+    ``dry_run`` lists each run as done / run / rerun (failed before) and runs nothing.
+    ``fit`` defaults to ``cqkd.training.fit_run``.
+    """
+    from rich.console import Console
     from rich.markup import escape
 
     console = Console(highlight=False, soft_wrap=True)
     say = print_fn or (lambda text: console.print(escape(text)))
-    out = plan.out
-    state = load_state(out)
+    if dry_run:
+        state, todo, done, est = _assess(plan, force)
+        guess = est.estimate(todo)
+        todo_names = {r.name for r in todo}
+        for r in plan.runs:
+            failed_before = state["runs"].get(r.name, {}).get("state") == "failed"
+            tag = "done" if r.name not in todo_names else ("rerun" if failed_before else "run ")
+            if r.external:
+                tag = "uses"
+            error = state["runs"].get(r.name, {}).get("error") if tag == "rerun" else None
+            say(f"[{tag}] {r.name}" + (f"  ({r.path})" if r.external else "")
+                + (f"  (failed before: {error})" if error else ""))
+        say(f"{len(plan.runs)} runs: {len(done)} done, {len(todo)} to run"
+            + (f", about {_fmt_duration(guess)} at the speed of the finished ones" if guess is not None else ""))
+        return SweepResult(skipped=[r.name for r in done])
+
+    if fit is None:
+        from cqkd.training import fit_run as fit
+    plan.out.mkdir(parents=True, exist_ok=True)
+    with _lock(plan.out):
+        state, todo, done, est = _assess(plan, force)
+        return _run_locked(plan, state, todo, done, est, force, progress, say, console, fit)
+
+
+def _assess(plan: SweepPlan, force: bool) -> tuple[dict[str, Any], list[PlannedRun], list[PlannedRun], "_Estimator"]:
+    """The sweep state, the runs to do and the runs done (teachers first), and a time estimator."""
+    state = load_state(plan.out)
     teacher_weights = {name: weights_digest(path) for name, path in plan.teacher_dirs.items()}
     todo_names = {r.name for r in plan.runs
                   if (force and not r.external) or not is_done(r, state, teacher_weights)}
@@ -397,21 +425,56 @@ def run_sweep(plan: SweepPlan, force: bool = False, dry_run: bool = False, progr
                 est.add(r, RunDir(r.path).metrics().get("time_s"))
             except CqkdError:
                 pass
+    return state, todo, done, est
 
-    if dry_run:
-        guess = est.estimate(todo)
-        for r in plan.runs:
-            tag = "done" if r.name not in todo_names else ("run " if state["runs"].get(r.name, {}).get("state") != "failed" else "rerun")
-            if r.external:
-                tag = "uses"
-            say(f"[{tag}] {r.name}" + (f"  ({r.path})" if r.external else ""))
-        say(f"{len(plan.runs)} runs: {len(done)} done, {len(todo)} to run"
-            + (f", about {_fmt_duration(guess)} at the speed of the finished ones" if guess is not None else ""))
-        return SweepResult(skipped=[r.name for r in done])
 
-    if fit is None:
-        from cqkd.training import fit_run as fit
-    out.mkdir(parents=True, exist_ok=True)
+class _lock:
+    """One sweep at a time per output directory: ``.sweep.lock`` holds the owner's pid."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / ".sweep.lock"
+
+    def __enter__(self) -> "_lock":
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _alive(pid):
+                    raise CqkdError(f"another sweep (pid {pid}) is running in {str(self.path.parent)!r}; "
+                                    f"wait for it, or delete {self.path} if it is gone") from None
+                self.path.unlink(missing_ok=True)  # stale: its process has ended
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+        raise CqkdError(f"cannot take the lock {self.path}")
+
+    def __exit__(self, *exc: Any) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _run_locked(plan: SweepPlan, state: dict[str, Any], todo: list[PlannedRun], done: list[PlannedRun],
+                est: _Estimator, force: bool, progress: bool, say: Callable[[str], None], console: Any,
+                fit: Callable[..., dict[str, Any]]) -> SweepResult:
+    from rich.markup import escape
+
+    out = plan.out
+    teacher_weights = {name: weights_digest(path) for name, path in plan.teacher_dirs.items()}
+    todo_names = {r.name for r in todo}
     start = time.time()
     invocation = {"start": _now(), "end": None, "wall_s": None, "ran": 0, "failed": 0, "skipped": len(done),
                   "pid": os.getpid(), "force": force}
