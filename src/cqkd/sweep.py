@@ -528,9 +528,9 @@ def _run_locked(plan: SweepPlan, state: dict[str, Any], todo: list[PlannedRun], 
                 stale = force or (rd.config_file.exists() and _stored_digest(rd) != config_digest(run.cfg))
                 try:
                     metrics = fit(run.cfg, run.path, force=stale or rd.is_finished, progress=False)
-                except KeyboardInterrupt:
+                except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into sys.exit(1)
                     entry.update(state="failed", error="interrupted", finished=_now())
-                    raise
+                    raise KeyboardInterrupt from None
                 except Exception as e:  # a failed run is recorded; the sweep goes on
                     reason = str(e) if isinstance(e, CqkdError) else f"{type(e).__name__}: {e}"
                     reason = reason.splitlines()[0] if reason else type(e).__name__
@@ -583,12 +583,16 @@ class _Display:
     def __enter__(self) -> "_Display":
         if self.enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.table import Column
 
-            self.progress = Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TextColumn("{task.description}"),
-                                     console=self.console, transient=False)
+            self.progress = Progress(TextColumn("[bold]sweep", table_column=Column(no_wrap=True, min_width=5)),
+                                     BarColumn(bar_width=20), MofNCompleteColumn(), TimeElapsedColumn(),
+                                     TextColumn("{task.fields[eta]}", table_column=Column(no_wrap=True)),
+                                     TextColumn("{task.description}",
+                                                table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
+                                     console=self.console, transient=False, expand=True)
             self.progress.__enter__()
-            self.task = self.progress.add_task("", total=self.total, completed=self.done)
+            self.task = self.progress.add_task("", total=self.total, completed=self.done, eta="")
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -604,7 +608,7 @@ class _Display:
             if used + remaining_s > budget_minutes * 60:
                 eta += f" [yellow](over the {budget_minutes:g} min budget)[/yellow]"
         if self.progress is not None:
-            self.progress.update(self.task, description=f"{eta} | {escape(name)}")
+            self.progress.update(self.task, description=escape(name), eta=eta)
         else:
             self.console.print(f"\\[{self.done + 1}/{self.total}] {escape(name)} ({eta})", highlight=False)
 
