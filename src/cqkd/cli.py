@@ -12,9 +12,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from cqkd.errors import CqkdError
+from cqkd.errors import CqkdError, RunFailed, RunInterrupted
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1
 _DEFAULTS_NOTE = "(default: %s)"
 
 
@@ -66,17 +67,29 @@ def _add_run_options(p: argparse.ArgumentParser, distill: bool) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--config", metavar="YAML", help="start from this configuration (a run's config.yaml works); options override it")
     g.add_argument("--out", required=True, metavar="DIR", help="the run directory to write")
-    g.add_argument("--force", action="store_true", help="overwrite a finished run in --out")
+    g.add_argument("--force", action="store_true", help="overwrite a finished (or unfinished) run in --out")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out from its last checkpoint; its stored config.yaml "
+                        "is the starting point and given options must not change it")
+    g.add_argument("--checkpoint-every-n-steps", type=int, default=S, metavar="N",
+                   help=f"write a resumable checkpoint every N optimizer steps, 0 = epoch ends only {_DEFAULTS_NOTE % d('checkpoint_every_n_steps')}")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-_NOT_CONFIG = {"command", "func", "config", "out", "force", "quiet"}
+_NOT_CONFIG = {"command", "func", "config", "out", "force", "quiet", "resume"}
 
 
 def _config_from_args(args: argparse.Namespace, kind: str):
     from cqkd.config import RunConfig
 
     raw: dict[str, Any] = {}
+    if getattr(args, "resume", False) and not args.config:
+        from cqkd.runs import RunDir
+
+        run = RunDir(args.out)
+        if not run.config_file.exists():
+            raise CqkdError(f"--resume: {args.out!r} holds no run to resume (no config.yaml); drop --resume to start one")
+        raw.update(run.config().to_dict())
     if args.config:
         import yaml
 
@@ -107,7 +120,7 @@ def cmd_train(args: argparse.Namespace, kind: str = "train") -> int:
     from cqkd.training import fit_run
 
     cfg = _config_from_args(args, kind)
-    metrics = fit_run(cfg, args.out, force=args.force, progress=not args.quiet)
+    metrics = fit_run(cfg, args.out, force=args.force, progress=not args.quiet, resume=args.resume)
     from cqkd.training import is_rank_zero
 
     if is_rank_zero():
@@ -125,6 +138,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     metrics = evaluate_run(args.run, progress=not args.quiet)
     _print_metrics(f"evaluation of {args.run} (test split)", metrics)
+    return 0
+
+
+def cmd_runs_list(args: argparse.Namespace) -> int:
+    from cqkd.report import runs_table
+
+    runs_table(args.dir)
     return 0
 
 
@@ -182,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-samples", type=int, default=None, help="override the demo's training subset")
     p.add_argument("--force", action="store_true", help="rerun finished runs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = sub.add_parser("runs", help="inspect run directories", description="inspect run directories")
+    runs_sub = p.add_subparsers(dest="runs_command", required=True, metavar="SUBCOMMAND")
+    q = runs_sub.add_parser("list", help="a table of the runs under DIR: state, kind, model, size, top-1, ECE")
+    q.add_argument("dir", metavar="DIR")
+    q.set_defaults(func=cmd_runs_list)
     for extra in _EXTENSIONS:
         extra(sub, add)
     return parser
@@ -210,6 +235,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CqkdError as e:
         print(f"cqkd: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except RunInterrupted as e:
+        out = getattr(args, "out", None)
+        hint = f"; continue with: cqkd {args.command} --out {out} --resume" if out and e.checkpoint else ""
+        print(f"cqkd: {e}{hint}", file=sys.stderr)
+        return 143 if e.signal_name == "SIGTERM" else 130
+    except RunFailed as e:
+        print(f"cqkd: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("cqkd: interrupted", file=sys.stderr)
         return 130

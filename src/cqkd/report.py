@@ -69,3 +69,27 @@ def models_table(size: int, channels: int, classes: int) -> None:
     rows.append(("timm:NAME", "timm", "", "", "any timm model, e.g. timm:resnet18"))
     rows.append(("<torchvision name>", "torchvision", "", "", "any torchvision classification model"))
     print_rows(f"models (FLOPs per image at {size}x{size}x{channels})", ("model", "family", "params", "FLOPs", "description"), rows)
+
+
+def runs_table(root: str) -> None:
+    """Print the run directories under ``root`` with their state and headline metrics."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from cqkd.runs import list_runs
+
+    rows = list_runs(root)
+    table = Table(title=f"runs under {root}", show_header=True)
+    for name, justify in (("run", "left"), ("state", "left"), ("kind", "left"), ("model", "left"),
+                          ("size", "right"), ("top1", "right"), ("ece", "right")):
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    table.add_column("note", no_wrap=True, overflow="ellipsis", max_width=48)
+    colours = {"finished": "green", "running": "yellow", "failed": "red"}
+    for r in rows:
+        state = f"[{colours.get(r['state'], 'white')}]{r['state']}[/]"
+        table.add_row(r["run"], state, *("" if r[k] is None else _fmt(r[k]) for k in ("kind", "model", "size", "top1", "ece")),
+                      r["note"][:60])
+    console = Console()
+    console.print(table)
+    if not rows:
+        console.print(f"no run directories (with config.yaml) under {root}")

@@ -13,6 +13,7 @@ One training step, top to bottom (see ``CQKDModule.training_step``)::
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from cqkd.losses import distillation_loss, supervised_loss
 from cqkd.metrics import all_metrics, mean_kl
 from cqkd.models import build_model, count_flops, count_params
 from cqkd.quality import upsample_to
-from cqkd.runs import RunDir, save_tensors, write_json
+from cqkd.runs import RunDir, atomic_write, save_tensors, write_json
 from cqkd.teacher import Teacher, load_teacher
 from cqkd.views import ViewSpec, apply_views, step_generator
 
@@ -173,9 +174,11 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
-def make_trainer(cfg: RunConfig, run_dir: Path | None, progress: bool = True, **overrides: Any) -> L.Trainer:
+def make_trainer(cfg: RunConfig, run_dir: Path | None, progress: bool = True,
+                 extra_callbacks: list[Any] | None = None, resume_step: int | None = None,
+                 **overrides: Any) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-    from lightning.pytorch.loggers import CSVLogger
+    from cqkd.robust import AtomicCheckpointIO, make_csv_logger
 
     if os.environ.get("CQKD_QUIET_LIGHTNING"):
         import logging
@@ -185,10 +188,12 @@ def make_trainer(cfg: RunConfig, run_dir: Path | None, progress: bool = True, **
     callbacks: list[Any] = []
     logger: Any = False
     if run_dir is not None:
-        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/top1",
-                                         mode="max", save_last=True, auto_insert_metric_name=False,
-                                         enable_version_counter=False))
-        logger = CSVLogger(save_dir=str(run_dir), name="", version="")
+        # an absolute dirpath, so that a resumed run (any spelling of --out) keeps its best-checkpoint state
+        callbacks.append(ModelCheckpoint(dirpath=Path(run_dir).resolve() / "checkpoints", filename="best",
+                                         monitor="val/top1", mode="max", save_last=True,
+                                         auto_insert_metric_name=False, enable_version_counter=False))
+        logger = make_csv_logger(Path(run_dir), keep_before_step=resume_step)
+    callbacks.extend(extra_callbacks or [])
     if progress:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     kwargs: dict[str, Any] = dict(
@@ -196,6 +201,7 @@ def make_trainer(cfg: RunConfig, run_dir: Path | None, progress: bool = True, **
         num_nodes=cfg.num_nodes, precision=cfg.precision, logger=logger, callbacks=callbacks,
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=10, enable_checkpointing=run_dir is not None,
+        plugins=[AtomicCheckpointIO()],  # atomic writes; loads only with weights_only=True
     )
     kwargs.update(overrides)
     return L.Trainer(**kwargs)
@@ -224,26 +230,45 @@ def prepare(cfg: RunConfig) -> tuple[Splits, nn.Module, Teacher | None]:
     return splits, model, teacher
 
 
-def fit_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, progress: bool = True) -> dict[str, Any]:
+def fit_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, progress: bool = True,
+            resume: bool = False) -> dict[str, Any]:
     """Train (supervised or CQKD) as configured, writing the run directory ``out``.
 
+    With ``resume``, continue the interrupted run in ``out`` from its most advanced checkpoint
+    (see ``cqkd.robust``); its stored configuration must match ``cfg``.
     Returns the metrics written to ``metrics.json``.
     """
-    splits, model, teacher = prepare(cfg)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from cqkd.errors import RunFailed, RunInterrupted
+    from cqkd.robust import RunGuard, checkpoint_step, resume_checkpoint, shuffle_generator
+
     run = RunDir(out)
+    if resume and force:
+        raise CqkdError("--resume and --force contradict each other: --resume continues the run in --out, "
+                        "--force starts it over")
+    ckpt_path = resume_checkpoint(run, cfg) if resume else None  # checked before any work
+    splits, model, teacher = prepare(cfg)
     if is_rank_zero():
-        run.prepare(cfg, force=force)
+        run.prepare(cfg, force=force, resume=resume)
+        if resume and ckpt_path is None:
+            print(f"cqkd: {out} has no checkpoint yet; starting it from the beginning", file=sys.stderr)
     start = time.time()
+    guard: Any = None
+    trainer: Any = None
     try:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         model = build_model(cfg.model, splits.info.num_classes, splits.info.channels,
                             cfg.degradation_spec().output_size(splits.info.image_size))  # seeded init
         module = CQKDModule(model, cfg, splits.info, teacher)
-        trainer = make_trainer(cfg, run.path, progress)
         train_loader = make_loader(splits.train, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
                                    drop_last=len(splits.train) > cfg.batch_size, seed=cfg.seed)
+        guard = RunGuard(run.path / "checkpoints", cfg.checkpoint_every_n_steps, cfg.seed,
+                         shuffle_generator(train_loader))
+        trainer = make_trainer(cfg, run.path, progress, extra_callbacks=[guard],
+                               resume_step=checkpoint_step(ckpt_path) if ckpt_path else None)
         val_loader = make_loader(splits.val, 512, shuffle=False, num_workers=cfg.num_workers)
-        trainer.fit(module, train_loader, val_loader)
+        trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
         if trainer.interrupted:
             raise KeyboardInterrupt
         trainer.test(module, make_loader(splits.test, 512, shuffle=False, num_workers=cfg.num_workers),
@@ -252,14 +277,34 @@ def fit_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, progres
         ckpt = trainer.checkpoint_callback
         metrics.update(best_val_top1=_float(ckpt.best_model_score), best_checkpoint=Path(ckpt.best_model_path).name,
                        train_samples_used=len(splits.train), time_s=round(time.time() - start, 1))
+        if resume:
+            metrics["resumed_from"] = ckpt_path.name if ckpt_path else None
         if trainer.is_global_zero:
             save_outputs(run, module, metrics)
         return metrics
-    except BaseException as e:
-        if is_rank_zero():
-            reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
-            run.set_state("failed", error=reason)
+    except RunInterrupted as e:
+        _mark_failed(run, "interrupted", signal=e.signal_name, step=e.step, checkpoint=e.checkpoint)
         raise
+    except SIGTERMException:
+        saved = guard.saved_interrupt if guard is not None else None
+        step = trainer.global_step if trainer is not None else 0
+        _mark_failed(run, "interrupted", signal="SIGTERM", step=step, checkpoint=saved)
+        raise RunInterrupted("SIGTERM", step, saved) from None
+    except FloatingPointError as e:
+        _mark_failed(run, f"diverged: {e}")
+        raise RunFailed(f"training diverged: {e}; run {str(out)!r} marked failed "
+                        "(lower --lr, or check the data)") from None
+    except (KeyboardInterrupt, SystemExit):
+        _mark_failed(run, "interrupted")
+        raise
+    except BaseException as e:
+        _mark_failed(run, f"{type(e).__name__}: {e}")
+        raise
+
+
+def _mark_failed(run: RunDir, reason: str, **info: Any) -> None:
+    if is_rank_zero():
+        run.set_state("failed", error=reason, **info)
 
 
 def _float(x: Any) -> float | None:
@@ -295,14 +340,13 @@ def _summary(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_outputs(run: RunDir, module: CQKDModule, metrics: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     res = module.test_results
     save_tensors(run.logits_file, {k: v for k, v in res.items() if k != "idx"})
-    tmp = run.weights_file.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in module.model.state_dict().items()}, str(tmp),
-              metadata={"cqkd_version": __version__, "model": module.cfg.model})
-    os.replace(tmp, run.weights_file)
+    state = {k: v.detach().cpu().contiguous() for k, v in module.model.state_dict().items()}
+    meta = {"cqkd_version": __version__, "model": module.cfg.model, "config_digest": module.cfg.digest()}
+    atomic_write(run.weights_file, lambda f: f.write(save(state, metadata=meta)), mode="wb")
     try:
         from cqkd.plots import reliability_diagram
 
