@@ -37,5 +37,5 @@ class RunInterrupted(Exception):
 
     def __init__(self, signal_name: str, step: int, checkpoint: str | None) -> None:
         self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
-        where = f"; checkpoint saved to {checkpoint}" if checkpoint else "; no checkpoint could be saved"
+        where = f"; checkpoint saved to {checkpoint}" if checkpoint else " (no new checkpoint; --resume uses the latest one)"
         super().__init__(f"interrupted by {signal_name} at step {step}{where}")

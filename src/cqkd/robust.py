@@ -80,6 +80,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_checkpoint(path)
 
 
+# ------------------------------------------------------------------------------ input checks
+
+def check_data_dir(data_dir: str | None) -> None:
+    """A --data-dir that exists must also be readable (load_dataset checks that it exists)."""
+    if data_dir is None or not Path(data_dir).is_dir():
+        return
+    if not os.access(data_dir, os.R_OK | os.X_OK):
+        raise CqkdError(f"--data-dir {data_dir!r} is not readable (permission denied)")
+    try:
+        next(os.scandir(data_dir), None)
+    except OSError as e:
+        raise CqkdError(f"--data-dir {data_dir!r} cannot be read: {e.strerror}") from None
+
+
 # ------------------------------------------------------------------------------ resume
 
 def _config_differences(stored: RunConfig, requested: RunConfig) -> list[str]:
@@ -112,6 +126,24 @@ def check_checkpoint(path: Path, cfg: RunConfig) -> dict[str, Any]:
         raise CqkdError(f"checkpoint {str(path)!r} belongs to another configuration (digest "
                         f"{meta.get('config_digest')}, the run's is {cfg.digest()}); refusing to resume from it")
     return ckpt
+
+
+def check_weights(path: Path, cfg: RunConfig) -> None:
+    """Refuse a run's ``model.safetensors`` written by another cqkd version or for another config."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CqkdError(f"{path} is corrupt or not a safetensors file ({e})") from None
+    version, digest = meta.get("cqkd_version"), meta.get("config_digest")
+    if version is not None and version != __version__:
+        raise CqkdError(f"{path} was written by cqkd {version}, this is cqkd {__version__}; "
+                        "evaluate it with that version or retrain the run")
+    if digest is not None and digest != cfg.digest():
+        raise CqkdError(f"{path} was trained with another configuration (digest {digest}) than the run's "
+                        f"config.yaml ({cfg.digest()}); the run directory is inconsistent, retrain it with --force")
 
 
 def checkpoint_step(path: Path) -> int:
@@ -194,6 +226,7 @@ class RunGuard(L.Callback):
         self.train_generator = train_generator
         self.stop_signal: str | None = None
         self.saved_interrupt: str | None = None
+        self.in_fit = False
         self._old_sigint: Any = None
         self._hang_at = int(os.environ.get("CQKD_TEST_HANG_AT_STEP", "0") or 0)
         self._kill_after = int(os.environ.get("CQKD_TEST_KILL_AFTER_EPOCH", "0") or 0)
@@ -220,10 +253,12 @@ class RunGuard(L.Callback):
               file=sys.stderr, flush=True)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.in_fit = True
         if threading.current_thread() is threading.main_thread():
             self._old_sigint = signal.signal(signal.SIGINT, self._on_sigint)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.in_fit = False
         if self._old_sigint is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self._old_sigint)
             self._old_sigint = None
@@ -274,7 +309,10 @@ class RunGuard(L.Callback):
         # (e.g. during validation); the last completed step is still a consistent state to save.
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        if isinstance(exception, SIGTERMException) and self.saved_interrupt is None:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        if (isinstance(exception, SIGTERMException) and self.saved_interrupt is None
+                and trainer.state.fn == TrainerFn.FITTING):
             try:
                 self.saved_interrupt = self.save(trainer, "interrupted.ckpt")
             except Exception:  # never mask the original exception
@@ -339,3 +377,29 @@ def make_csv_logger(run_dir: Path, keep_before_step: int | None = None) -> Any:
             return self._experiment
 
     return AtomicCSVLogger(save_dir=str(run_dir), name="", version="")
+
+
+class SigtermOutsideFit:
+    """While a run is set up, tested or saved (outside Lightning's fit loop, where Lightning's own
+    handler and ``RunGuard`` take care of it), turn SIGTERM into ``RunInterrupted`` so that the
+    run is marked failed instead of being left "running"."""
+
+    def __init__(self, guard: "RunGuard | None" = None) -> None:
+        self.guard = guard
+        self._old: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.guard is not None and self.guard.in_fit:
+            return  # Lightning's handler (composed with this one) sets received_sigterm
+        from cqkd.errors import RunInterrupted
+
+        raise RunInterrupted("SIGTERM", 0, None)
+
+    def __enter__(self) -> "SigtermOutsideFit":
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)

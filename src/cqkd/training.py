@@ -241,12 +241,14 @@ def fit_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, progres
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from cqkd.errors import RunFailed, RunInterrupted
-    from cqkd.robust import RunGuard, checkpoint_step, resume_checkpoint, shuffle_generator
+    from cqkd.robust import (RunGuard, SigtermOutsideFit, check_data_dir, checkpoint_step, resume_checkpoint,
+                             shuffle_generator)
 
     run = RunDir(out)
     if resume and force:
         raise CqkdError("--resume and --force contradict each other: --resume continues the run in --out, "
                         "--force starts it over")
+    check_data_dir(cfg.data_dir)
     ckpt_path = resume_checkpoint(run, cfg) if resume else None  # checked before any work
     splits, model, teacher = prepare(cfg)
     if is_rank_zero():
@@ -254,52 +256,53 @@ def fit_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, progres
         if resume and ckpt_path is None:
             print(f"cqkd: {out} has no checkpoint yet; starting it from the beginning", file=sys.stderr)
     start = time.time()
-    guard: Any = None
+    guard = RunGuard(run.path / "checkpoints", cfg.checkpoint_every_n_steps, cfg.seed, None)
     trainer: Any = None
-    try:
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
-        model = build_model(cfg.model, splits.info.num_classes, splits.info.channels,
-                            cfg.degradation_spec().output_size(splits.info.image_size))  # seeded init
-        module = CQKDModule(model, cfg, splits.info, teacher)
-        train_loader = make_loader(splits.train, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
-                                   drop_last=len(splits.train) > cfg.batch_size, seed=cfg.seed)
-        guard = RunGuard(run.path / "checkpoints", cfg.checkpoint_every_n_steps, cfg.seed,
-                         shuffle_generator(train_loader))
-        trainer = make_trainer(cfg, run.path, progress, extra_callbacks=[guard],
-                               resume_step=checkpoint_step(ckpt_path) if ckpt_path else None)
-        val_loader = make_loader(splits.val, 512, shuffle=False, num_workers=cfg.num_workers)
-        trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
-        if trainer.interrupted:
-            raise KeyboardInterrupt
-        trainer.test(module, make_loader(splits.test, 512, shuffle=False, num_workers=cfg.num_workers),
-                     ckpt_path="best", verbose=False)
-        metrics = collect_metrics(module, cfg, splits.info, teacher)
-        ckpt = trainer.checkpoint_callback
-        metrics.update(best_val_top1=_float(ckpt.best_model_score), best_checkpoint=Path(ckpt.best_model_path).name,
-                       train_samples_used=len(splits.train), time_s=round(time.time() - start, 1))
-        if resume:
-            metrics["resumed_from"] = ckpt_path.name if ckpt_path else None
-        if trainer.is_global_zero:
-            save_outputs(run, module, metrics)
-        return metrics
-    except RunInterrupted as e:
-        _mark_failed(run, "interrupted", signal=e.signal_name, step=e.step, checkpoint=e.checkpoint)
-        raise
-    except SIGTERMException:
-        saved = guard.saved_interrupt if guard is not None else None
-        step = trainer.global_step if trainer is not None else 0
-        _mark_failed(run, "interrupted", signal="SIGTERM", step=step, checkpoint=saved)
-        raise RunInterrupted("SIGTERM", step, saved) from None
-    except FloatingPointError as e:
-        _mark_failed(run, f"diverged: {e}")
-        raise RunFailed(f"training diverged: {e}; run {str(out)!r} marked failed "
-                        "(lower --lr, or check the data)") from None
-    except (KeyboardInterrupt, SystemExit):
-        _mark_failed(run, "interrupted")
-        raise
-    except BaseException as e:
-        _mark_failed(run, f"{type(e).__name__}: {e}")
-        raise
+    with SigtermOutsideFit(guard):
+        try:
+            L.seed_everything(cfg.seed, workers=True, verbose=False)
+            model = build_model(cfg.model, splits.info.num_classes, splits.info.channels,
+                                cfg.degradation_spec().output_size(splits.info.image_size))  # seeded init
+            module = CQKDModule(model, cfg, splits.info, teacher)
+            train_loader = make_loader(splits.train, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
+                                       drop_last=len(splits.train) > cfg.batch_size, seed=cfg.seed)
+            guard.train_generator = shuffle_generator(train_loader)
+            trainer = make_trainer(cfg, run.path, progress, extra_callbacks=[guard],
+                                   resume_step=checkpoint_step(ckpt_path) if ckpt_path else None)
+            val_loader = make_loader(splits.val, 512, shuffle=False, num_workers=cfg.num_workers)
+            trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
+            if trainer.interrupted:
+                raise KeyboardInterrupt
+            trainer.test(module, make_loader(splits.test, 512, shuffle=False, num_workers=cfg.num_workers),
+                         ckpt_path="best", verbose=False)
+            metrics = collect_metrics(module, cfg, splits.info, teacher)
+            ckpt = trainer.checkpoint_callback
+            metrics.update(best_val_top1=_float(ckpt.best_model_score), best_checkpoint=Path(ckpt.best_model_path).name,
+                           train_samples_used=len(splits.train), time_s=round(time.time() - start, 1))
+            if resume:
+                metrics["resumed_from"] = ckpt_path.name if ckpt_path else None
+            if trainer.is_global_zero:
+                save_outputs(run, module, metrics)
+            return metrics
+        except RunInterrupted as e:
+            step = e.step or (trainer.global_step if trainer is not None else 0)
+            _mark_failed(run, "interrupted", signal=e.signal_name, step=step, checkpoint=e.checkpoint)
+            raise
+        except SIGTERMException:
+            saved = guard.saved_interrupt
+            step = trainer.global_step if trainer is not None else 0
+            _mark_failed(run, "interrupted", signal="SIGTERM", step=step, checkpoint=saved)
+            raise RunInterrupted("SIGTERM", step, saved) from None
+        except FloatingPointError as e:
+            _mark_failed(run, f"diverged: {e}")
+            raise RunFailed(f"training diverged: {e}; run {str(out)!r} marked failed "
+                            "(lower --lr, or check the data)") from None
+        except (KeyboardInterrupt, SystemExit):  # a second Ctrl-C; Lightning turns it into sys.exit(1)
+            _mark_failed(run, "interrupted")
+            raise KeyboardInterrupt from None
+        except BaseException as e:
+            _mark_failed(run, f"{type(e).__name__}: {e}")
+            raise
 
 
 def _mark_failed(run: RunDir, reason: str, **info: Any) -> None:
@@ -367,6 +370,9 @@ def evaluate_run(path: str | os.PathLike, progress: bool = True, **overrides: An
     if overrides:
         cfg = cfg.replace(**overrides)
     weights = run.require_weights()
+    from cqkd.robust import check_weights
+
+    check_weights(weights, run.config())
     splits, model, teacher = prepare(cfg)
     load_weights(model, weights)
     module = CQKDModule(model, cfg, splits.info, teacher)
