@@ -406,3 +406,21 @@ def test_runs_list(capsys, tmp_path, teacher, monkeypatch):
     assert code == 0
     assert "teacher" in out and "finished" in out and "stale" in out and "failed" in out
     assert "cnn-small" in out
+
+
+def test_distill_resume_refuses_a_changed_teacher(capsys, tmp_path, teacher):
+    from safetensors.torch import load_file, save_file
+
+    own_teacher = _copy_run(teacher, tmp_path / "teacher")
+    out = tmp_path / "student"
+    code, err = cqkd(capsys, "distill", *FAST, "--teacher", own_teacher, "--out", out)
+    assert code == 0, err
+    # make it look interrupted after its last epoch-end checkpoint
+    (out / "metrics.json").unlink()
+    (out / "status.json").write_text(json.dumps({"state": "failed", "error": "interrupted"}))
+    state = load_file(str(own_teacher / "model.safetensors"))
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()},
+              str(own_teacher / "model.safetensors"))
+    code, err = cqkd(capsys, "distill", "--out", out, "--resume", "--quiet")  # teacher from config.yaml
+    assert code == 2 and "the teacher in" in err and "changed since" in err, err
+    assert_no_finished_run(out)

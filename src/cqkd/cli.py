@@ -52,7 +52,7 @@ def _add_run_options(p: argparse.ArgumentParser, distill: bool) -> None:
     g.add_argument("--ece-bins", type=int, default=S, help=f"equal-width bins for ECE {_DEFAULTS_NOTE % d('ece_bins')}")
     if distill:
         g = p.add_argument_group("distillation")
-        g.add_argument("--teacher", required=True, metavar="RUN_DIR", help="run directory of the trained teacher")
+        g.add_argument("--teacher", default=S, metavar="RUN_DIR", help="run directory of the trained teacher (required; with --resume it comes from the stored config)")
         g.add_argument("--temperature", default=S, metavar="T", help=f"distillation temperature T > 0, or 'calibrated' for the teacher's T_cal {_DEFAULTS_NOTE % d('temperature')}")
         g.add_argument("--alpha", type=float, default=S, help=f"weight of the soft (KL) term in [0, 1] {_DEFAULTS_NOTE % d('alpha')}")
         g.add_argument("--teacher-calibration", default=S, choices=["none", "temperature"], help="divide the teacher's logits by its T_cal (fitted on val) before T")

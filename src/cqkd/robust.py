@@ -146,6 +146,15 @@ def check_weights(path: Path, cfg: RunConfig) -> None:
                         f"config.yaml ({cfg.digest()}); the run directory is inconsistent, retrain it with --force")
 
 
+def check_teacher(path: Path, teacher_digest: str, teacher_path: str) -> None:
+    """Refuse to resume a distillation whose teacher's weights changed since the checkpoint."""
+    stored = load_checkpoint(path).get("cqkd_teacher_digest")
+    if stored is not None and stored != teacher_digest:
+        raise CqkdError(f"--resume: the teacher in {teacher_path!r} changed since {str(path)!r} was written "
+                        f"(weights digest {stored} then, {teacher_digest} now); resuming would mix two teachers. "
+                        "Start the run over with --force")
+
+
 def checkpoint_step(path: Path) -> int:
     return int(load_checkpoint(path).get("global_step", 0))
 
@@ -219,7 +228,9 @@ class RunGuard(L.Callback):
     process with SIGKILL once epoch E (1-based) and its checkpoints are complete.
     """
 
-    def __init__(self, checkpoint_dir: Path, every_n_steps: int, seed: int, train_generator: torch.Generator | None) -> None:
+    def __init__(self, checkpoint_dir: Path, every_n_steps: int, seed: int, train_generator: torch.Generator | None,
+                 teacher_digest: str | None = None) -> None:
+        self.teacher_digest = teacher_digest
         self.checkpoint_dir = Path(checkpoint_dir)
         self.every_n_steps = every_n_steps
         self.seed = seed
@@ -243,6 +254,10 @@ class RunGuard(L.Callback):
             torch.set_rng_state(state_dict["torch_rng"])
         if "cuda_rng" in state_dict and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state_dict["cuda_rng"])
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.teacher_digest:
+            checkpoint["cqkd_teacher_digest"] = self.teacher_digest
 
     # ---- signals
     def _on_sigint(self, signum: int, frame: Any) -> None:

@@ -241,8 +241,8 @@ def fit_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, progres
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from cqkd.errors import RunFailed, RunInterrupted
-    from cqkd.robust import (RunGuard, SigtermOutsideFit, check_data_dir, checkpoint_step, resume_checkpoint,
-                             shuffle_generator)
+    from cqkd.robust import (RunGuard, SigtermOutsideFit, check_data_dir, check_teacher, checkpoint_step,
+                             resume_checkpoint, shuffle_generator)
 
     run = RunDir(out)
     if resume and force:
@@ -251,12 +251,15 @@ def fit_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, progres
     check_data_dir(cfg.data_dir)
     ckpt_path = resume_checkpoint(run, cfg) if resume else None  # checked before any work
     splits, model, teacher = prepare(cfg)
+    if ckpt_path is not None and teacher is not None:
+        check_teacher(ckpt_path, teacher.digest, teacher.path)
     if is_rank_zero():
         run.prepare(cfg, force=force, resume=resume)
         if resume and ckpt_path is None:
             print(f"cqkd: {out} has no checkpoint yet; starting it from the beginning", file=sys.stderr)
     start = time.time()
-    guard = RunGuard(run.path / "checkpoints", cfg.checkpoint_every_n_steps, cfg.seed, None)
+    guard = RunGuard(run.path / "checkpoints", cfg.checkpoint_every_n_steps, cfg.seed, None,
+                     teacher.digest if teacher is not None else None)
     trainer: Any = None
     with SigtermOutsideFit(guard):
         try:
