@@ -243,21 +243,21 @@ def test_sigkill_mid_epoch_then_resume(capsys, tmp_path):
     assert status(out)["state"] == "finished"
 
 
-def test_sigterm_saves_a_clean_checkpoint_then_resume(capsys, tmp_path):
+@pytest.mark.parametrize("sig, name, rc", [(signal.SIGTERM, "SIGTERM", 143), (signal.SIGINT, "Ctrl-C", 130)])
+def test_sigterm_or_ctrl_c_saves_a_clean_checkpoint_then_resume(capsys, tmp_path, sig, name, rc):
     out = tmp_path / "terminated"
-    proc = spawn("train", *KILLABLE, "--out", out, CQKD_TEST_HANG_AT_STEP="3")
-    wait_for_step(out / "checkpoints" / "step.ckpt", 2, proc)
-    time.sleep(0.3)  # let it reach the hang at step 3 (the signal is honoured after the step anyway)
-    proc.send_signal(signal.SIGTERM)
+    proc = spawn("train", *KILLABLE, "--out", out, CQKD_TEST_HANG_AT_STEP="2")
+    wait_for_step(out / "checkpoints" / "step.ckpt", 2, proc)  # it now waits at step 2 for a signal
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err
+    assert proc.returncode == rc, err
     last_line = err.strip().splitlines()[-1]
-    assert last_line.startswith("cqkd: interrupted by SIGTERM at step 3; checkpoint saved to "), err
+    assert last_line.startswith(f"cqkd: interrupted by {name} at step 2; checkpoint saved to "), err
     assert "--resume" in last_line
     st = status(out)
-    assert st["state"] == "failed" and st["error"] == "interrupted" and st["signal"] == "SIGTERM" and st["step"] == 3
+    assert st["state"] == "failed" and st["error"] == "interrupted" and st["signal"] == name and st["step"] == 2
     ckpt = torch.load(out / "checkpoints" / "interrupted.ckpt", map_location="cpu", weights_only=True)
-    assert ckpt["global_step"] == 3
+    assert ckpt["global_step"] == 2 and "optimizer_states" in ckpt and "lr_schedulers" in ckpt
     code, err = cqkd(capsys, "train", "--out", out, "--resume", "--quiet")
     assert code == 0, err
     assert json.loads((out / "metrics.json").read_text())["resumed_from"] == "interrupted.ckpt"
@@ -424,3 +424,15 @@ def test_distill_resume_refuses_a_changed_teacher(capsys, tmp_path, teacher):
     code, err = cqkd(capsys, "distill", "--out", out, "--resume", "--quiet")  # teacher from config.yaml
     assert code == 2 and "the teacher in" in err and "changed since" in err, err
     assert_no_finished_run(out)
+
+
+def test_unreadable_data_dir(capsys, tmp_path, monkeypatch):
+    """(Tests run as root here, where chmod 000 does not stop reading: simulate the denial.)"""
+    data = tmp_path / "data"
+    data.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(data) else real_access(p, mode))
+    out = tmp_path / "run"
+    code, err = cqkd(capsys, "train", *FAST, "--data-dir", data, "--out", out)
+    assert code == 2 and f"--data-dir '{data}' is not readable (permission denied)" in err
+    assert not out.exists()

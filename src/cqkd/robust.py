@@ -313,6 +313,11 @@ class RunGuard(L.Callback):
             while self._requested(trainer) is None:
                 time.sleep(0.02)
         why = self._requested(trainer)
+        if trainer.world_size > 1:  # every rank must stop (and save, a collective) at the same step
+            if trainer.strategy.reduce_boolean_decision(why is not None, all=False):
+                why = why or self.stop_signal or "SIGTERM"
+            else:
+                why = None
         if why is not None:
             from cqkd.errors import RunInterrupted
 
@@ -346,6 +351,7 @@ def make_csv_logger(run_dir: Path, keep_before_step: int | None = None) -> Any:
     import csv
     import io
 
+    from lightning.fabric.loggers.logger import rank_zero_experiment
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
@@ -385,6 +391,7 @@ def make_csv_logger(run_dir: Path, keep_before_step: int | None = None) -> Any:
 
     class AtomicCSVLogger(CSVLogger):
         @property
+        @rank_zero_experiment
         def experiment(self) -> Any:
             if self._experiment is None:
                 os.makedirs(self.root_dir, exist_ok=True)
