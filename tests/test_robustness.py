@@ -171,8 +171,9 @@ def test_bad_teachers(capsys, tmp_path, teacher):
 
 
 @pytest.mark.parametrize("yaml_text, culprit", [
-    ("bogus_key: 1\n", "unknown key 'bogus_key'"),
-    ("epochs: many\n", "epochs='many' has the wrong type (expected int)"),
+    ("bogus_key: 1\n", "c.yaml': unknown key 'bogus_key' (value 1)"),
+    ("epoch: 3\n", "unknown key 'epoch' (value 3) (did you mean 'epochs'?)"),
+    ("epochs: many\n", "c.yaml': epochs='many' has the wrong type (expected int)"),
     ("epochs: 1.5\n", "epochs=1.5 has the wrong type"),
     ("alpha: 2\n", "alpha=2.0: must be in [0, 1]"),
     ("batch_size: 0\n", "batch_size=0: must be at least 1"),

@@ -102,12 +102,31 @@ def _config_from_args(args: argparse.Namespace, kind: str):
             raise CqkdError(f"--config {args.config!r} is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
             raise CqkdError(f"--config {args.config!r} must hold a mapping of options")
+        _check_config_keys(loaded, f"--config {args.config!r}")
         raw.update(loaded)
     raw.update({k: v for k, v in vars(args).items() if k not in _NOT_CONFIG})
     raw["kind"] = kind
     if isinstance(raw.get("devices"), str) and raw["devices"].isdigit():
         raw["devices"] = int(raw["devices"])
     return RunConfig.from_dict(raw, where="options")
+
+
+def _check_config_keys(loaded: dict[str, Any], where: str) -> None:
+    """Unknown keys and wrong types in a YAML file, reported against that file."""
+    import difflib
+    import typing
+    from dataclasses import fields
+
+    from cqkd.config import RunConfig, _coerce
+
+    known = {f.name for f in fields(RunConfig)}
+    hints = typing.get_type_hints(RunConfig)
+    for key, value in loaded.items():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise CqkdError(f"{where}: unknown key {key!r} (value {value!r}){hint}")
+        _coerce(key, value, hints[key], where)
 
 
 def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
