@@ -242,6 +242,7 @@ def test_sigkill_mid_epoch_then_resume(capsys, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_from"] == "step.ckpt" and 0 <= metrics["top1"] <= 1
     assert status(out)["state"] == "finished"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
 
 
 @pytest.mark.parametrize("sig, name, rc", [(signal.SIGTERM, "SIGTERM", 143), (signal.SIGINT, "Ctrl-C", 130)])

@@ -6,6 +6,7 @@ Checkpoints of a run directory (``checkpoints/``)::
     best.ckpt          the epoch with the best val/top1 (what the test split is evaluated on)
     step.ckpt          every ``checkpoint_every_n_steps`` optimizer steps (survives kill -9)
     interrupted.ckpt   written after the current step when Ctrl-C or SIGTERM arrives
+    (step.ckpt and interrupted.ckpt are deleted once the run finishes)
 
 Every checkpoint is written to a temporary file in the same directory, fsynced and renamed
 into place (``AtomicCheckpointIO``), so a kill at any moment leaves the previous version

@@ -286,6 +286,8 @@ def fit_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, progres
                 metrics["resumed_from"] = ckpt_path.name if ckpt_path else None
             if trainer.is_global_zero:
                 save_outputs(run, module, metrics)
+                for name in ("step.ckpt", "interrupted.ckpt"):  # only needed to resume; keep last and best
+                    (run.checkpoint_dir / name).unlink(missing_ok=True)
             return metrics
         except RunInterrupted as e:
             step = e.step or (trainer.global_step if trainer is not None else 0)
