@@ -197,7 +197,8 @@ def _quiet_libraries() -> None:
 
     os.environ["CQKD_QUIET_LIGHTNING"] = "1"
     for pattern in (".*LeafSpec.*", ".*does not have many workers.*", ".*Experiment logs directory.*",
-                    ".*exists and is not empty.*", ".*litlogger.*"):
+                    ".*exists and is not empty.*", ".*litlogger.*",
+                    r".*module\(s\) in eval mode.*", ".*smaller than the logging interval.*"):
         warnings.filterwarnings("ignore", message=pattern)
 
 
