@@ -181,20 +181,28 @@ def mean_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> float
     return float((log_t.exp() * (log_t - log_s)).sum(-1).mean())
 
 
-def bootstrap_intervals(logits: torch.Tensor, labels: torch.Tensor, n: int = 1000, seed: int = 0,
-                        ece_bins: int = 15, level: float = 0.95) -> dict[str, dict[str, float]]:
-    """Percentile bootstrap intervals (Efron & Tibshirani, 1993) for top-1, NLL and ECE.
+def bootstrap_indices(n: int, size: int, seed: int = 0, block: int | None = None):
+    """The resamples of ``bootstrap_replicates``: blocks of rows of ``size`` indices drawn
+    uniformly with replacement from range(size), ``n`` rows in all, from a CPU generator
+    seeded with ``seed`` (so every call yields the same rows)."""
+    g = torch.Generator().manual_seed(seed)
+    block = block or max(1, min(n, 2_000_000 // max(size, 1)))
+    done = 0
+    while done < n:
+        b = min(block, n - done)
+        yield torch.randint(0, size, (b, size), generator=g)
+        done += b
 
-    Draws ``n`` resamples of the N test samples with replacement (a CPU generator seeded with
-    ``seed``, so the result is reproducible), recomputes each metric on every resample and
-    returns, per metric, ``{"value": metric on all samples, "low": q_{(1-level)/2},
-    "high": q_{(1+level)/2}}`` where q are the empirical quantiles of the n replicates
-    (linear interpolation). The ECE replicate uses the same bins as ``calibration_errors``.
+
+def bootstrap_replicates(logits: torch.Tensor, labels: torch.Tensor, n: int = 1000, seed: int = 0,
+                         ece_bins: int = 15) -> dict[str, torch.Tensor]:
+    """top1, NLL and ECE on each of the ``n`` resamples of ``bootstrap_indices``: tensors (n,).
+
+    The ECE of a resample uses the bins of ``calibration_errors``:
+    Σ_b |B_b|/N · |conf(B_b) − acc(B_b)| = (1/N) Σ_b |Σ_{i∈B_b} (conf_i − correct_i)|.
     """
     if n < 1:
         raise ValueError(f"the number of bootstrap resamples must be at least 1, got {n}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
     logits, labels = logits.detach().cpu(), labels.detach().cpu()
     _check(logits, labels)
     logp = F.log_softmax(logits.double(), dim=-1)
@@ -203,27 +211,36 @@ def bootstrap_intervals(logits: torch.Tensor, labels: torch.Tensor, n: int = 100
     sample_nll = -logp.gather(1, labels[:, None]).squeeze(1)
     bins = bin_index(conf, ece_bins)
     size = len(labels)
-    g = torch.Generator().manual_seed(seed)
     reps: dict[str, list[torch.Tensor]] = {"top1": [], "nll": [], "ece": []}
-    chunk = max(1, min(n, 2_000_000 // size))
-    done = 0
-    while done < n:
-        b = min(chunk, n - done)
-        idx = torch.randint(0, size, (b, size), generator=g)
+    for idx in bootstrap_indices(n, size, seed):
+        b = len(idx)
         c, a, bb = conf[idx], correct[idx], bins[idx]
         reps["top1"].append(a.mean(1))
         reps["nll"].append(sample_nll[idx].mean(1))
-        count = torch.zeros(b, ece_bins, dtype=torch.float64).scatter_add_(1, bb, torch.ones_like(c))
-        conf_sum = torch.zeros(b, ece_bins, dtype=torch.float64).scatter_add_(1, bb, c)
-        acc_sum = torch.zeros(b, ece_bins, dtype=torch.float64).scatter_add_(1, bb, a)
-        # Σ_b |B_b|/N · |conf(B_b) − acc(B_b)| = (1/N) Σ_b |Σ_{i∈B_b} (conf_i − correct_i)|
-        reps["ece"].append((conf_sum - acc_sum).abs().sum(1) / size)
-        done += b
-    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    point = {"top1": float(correct.mean()), "nll": float(sample_nll.mean()),
+        gap_sum = torch.zeros(b, ece_bins, dtype=torch.float64).scatter_add_(1, bb, c - a)
+        reps["ece"].append(gap_sum.abs().sum(1) / size)
+    return {k: torch.cat(v) for k, v in reps.items()}
+
+
+def bootstrap_intervals(logits: torch.Tensor, labels: torch.Tensor, n: int = 1000, seed: int = 0,
+                        ece_bins: int = 15, level: float = 0.95) -> dict[str, dict[str, float]]:
+    """Percentile bootstrap intervals (Efron & Tibshirani, 1993) for top-1, NLL and ECE.
+
+    Draws ``n`` resamples of the N samples with replacement (``bootstrap_indices``: seeded,
+    so the result is reproducible), recomputes each metric on every resample
+    (``bootstrap_replicates``) and returns, per metric, ``{"value": the metric on all
+    samples, "low": q_{(1-level)/2}, "high": q_{(1+level)/2}}``, q being the empirical
+    quantiles of the n replicates (linear interpolation).
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    reps = bootstrap_replicates(logits, labels, n, seed, ece_bins)
+    logits, labels = logits.detach().cpu(), labels.detach().cpu()
+    point = {"top1": top1(logits, labels), "nll": nll(logits, labels),
              "ece": calibration_errors(logits, labels, ece_bins)["ece"]}
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
     out: dict[str, dict[str, float]] = {}
     for key, values in reps.items():
-        lo, hi = torch.quantile(torch.cat(values), q).tolist()
+        lo, hi = torch.quantile(values, q).tolist()
         out[key] = {"value": point[key], "low": lo, "high": hi}
     return out
