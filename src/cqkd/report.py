@@ -26,8 +26,8 @@ def metrics_table(title: str, metrics: dict[str, Any]) -> None:
     for key in _MAIN_KEYS:
         if key in metrics:
             table.add_row(key, _fmt(metrics[key]))
-    for key in ("model", "size", "params", "flops", "epochs", "seed", "temperature", "alpha", "t_cal",
-                "teacher_calibration", "kl_teacher_student"):
+    for key in ("model", "size", "params", "flops", "epochs", "seed", "temperature", "temperature_mode", "alpha",
+                "t_cal", "teacher_calibration", "teacher_temperature_applied", "kl_teacher_student"):
         if metrics.get(key) is not None:
             table.add_row(key, _fmt(metrics[key]))
     for prefix in ("teacher_metrics", "teacher_lr_metrics"):
