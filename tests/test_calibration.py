@@ -240,7 +240,7 @@ def test_training_path_uses_calibrated_soft_targets(teacher: Path, student: Path
         assert torch.allclose(soft_targets(seen["z_t"], seen["T"], seen["T_cal"]), targets, atol=1e-7)
         log_s = F.log_softmax(seen["z_s"] / expect_t, -1)
         kl = (targets * (targets.clamp_min(1e-30).log() - log_s)).sum(-1).mean()
-        assert float(seen["terms"]["kl"]) == pytest.approx(float(kl), abs=1e-5)
+        assert float(seen["terms"]["kl"].detach()) == pytest.approx(float(kl), abs=1e-5)
 
 
 def test_teacher_seen_from_the_students_side(teacher: Path, student: Path) -> None:
