@@ -195,6 +195,11 @@ def test_teacher_temperature_reads_fits_and_refits_stale(teacher: Path) -> None:
     data["t_cal"] = 3.0  # a value we can recognise
     cal_file.write_text(json.dumps(data))
     assert teacher_temperature(str(teacher)) == 3.0  # read, not refitted
+    data["at_bound"] = True  # e.g. a teacher right on all of val: T_cal -> 0
+    cal_file.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="edge of the search range"):
+        assert teacher_temperature(str(teacher)) == 3.0
+    data["at_bound"] = False
     data["weights_digest"] = "0000000000000000"  # fitted for other weights: stale
     cal_file.write_text(json.dumps(data))
     with pytest.raises(CqkdError, match="other weights"):

@@ -233,10 +233,24 @@ def teacher_temperature(run_path: str, fit_if_missing: bool = True) -> float:
     if data is not None:
         digest = data.get("weights_digest")
         if digest is None or digest == file_digest(run.require_weights()):
-            return float(data["t_cal"])
+            return _checked_t_cal(data, run_path)
         reason = f"{run.calibration_file} was fitted for other weights than {run.weights_file.name}"
     else:
         reason = f"{run.calibration_file} does not exist"
     if not fit_if_missing:
         raise CqkdError(f"no temperature for {str(Path(run_path))!r}: {reason}; run `cqkd calibrate {run_path}`")
-    return float(calibrate_run(run_path, "val", ece_bins=run.config().ece_bins, progress=False)["t_cal"])
+    return _checked_t_cal(calibrate_run(run_path, "val", ece_bins=run.config().ece_bins, progress=False), run_path)
+
+
+def _checked_t_cal(data: dict[str, Any], run_path: str | os.PathLike) -> float:
+    """T_cal, with a warning when it sits at the edge of the search range: e.g. a teacher that
+    classifies its whole val split correctly, whose NLL keeps falling as T -> 0, so that
+    z_t / T_cal turns the soft targets into (nearly) one-hot ones."""
+    t_cal = float(data["t_cal"])
+    if data.get("at_bound"):
+        import warnings
+
+        warnings.warn(f"T_cal = {t_cal:g} of {str(run_path)!r} lies at the edge of the search range (val "
+                      f"top-1 {data.get('metrics', {}).get('val', {}).get('top1', float('nan')):.4f}); "
+                      "temperature scaling has no interior optimum for this teacher", stacklevel=3)
+    return t_cal
