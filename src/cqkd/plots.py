@@ -40,7 +40,7 @@ def reliability_diagram(entries: Sequence[Entry], out: str | os.PathLike, n_bins
 
     Top: accuracy against mean top-1 confidence in ``n_bins`` equal-width bins (the bins of
     ``cqkd.metrics.calibration_errors``), one line per entry, the diagonal of perfect
-    calibration, and the gap between each run's accuracy and the diagonal shaded; the legend
+    calibration, and each bin's gap to the diagonal shaded (a bar from conf to acc); the legend
     gives each run's ECE. Bottom: the number of samples per bin. The file is written
     atomically (a temporary file in the same directory, then ``os.replace``).
     """
@@ -69,9 +69,9 @@ def reliability_diagram(entries: Sequence[Entry], out: str | os.PathLike, n_bins
         c = colors[i]
         ax.plot(conf[used].tolist(), acc[used].tolist(), marker="o", markersize=4, color=c,
                 label=f"{name} (ECE {ece:.4f})")
-        # the gap: between accuracy and the diagonal (acc = conf), at each bin's mean confidence
-        ax.fill_between(conf[used].tolist(), acc[used].tolist(), conf[used].tolist(), color=c, alpha=0.15,
-                        linewidth=0)
+        # the gap of each occupied bin: from the diagonal (acc = conf) to its accuracy, at its mean confidence
+        ax.bar(conf[used].tolist(), (acc - conf)[used].tolist(), bottom=conf[used].tolist(), width=0.8 / n_bins,
+               color=c, alpha=0.2, linewidth=0)
         hist.stairs(count.tolist(), bins["edges"], color=c, linewidth=1.2)
         hist.stairs(count.tolist(), bins["edges"], color=c, alpha=0.15, fill=True)
     ax.set_xlim(0, 1)
