@@ -155,8 +155,61 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cqkd.training import evaluate_run
 
-    metrics = evaluate_run(args.run, progress=not args.quiet)
+    if args.bootstrap < 0:
+        raise CqkdError(f"--bootstrap must be >= 0 (0 = no intervals), got {args.bootstrap}")
+    if args.ece_bins is not None and args.ece_bins < 1:
+        raise CqkdError(f"--ece-bins must be at least 1, got {args.ece_bins}")
+    overrides = {} if args.ece_bins is None else {"ece_bins": args.ece_bins}
+    outputs: dict[str, Any] = {}
+    metrics = evaluate_run(args.run, progress=not args.quiet, outputs=outputs, **overrides)
     _print_metrics(f"evaluation of {args.run} (test split)", metrics)
+    if args.bootstrap:
+        from cqkd.metrics import bootstrap_intervals
+        from cqkd.report import intervals_table
+
+        intervals = bootstrap_intervals(outputs["logits"], outputs["labels"], n=args.bootstrap,
+                                        seed=args.bootstrap_seed, ece_bins=metrics["ece_bins"])
+        intervals_table(f"95% percentile bootstrap intervals ({args.bootstrap} resamples of the "
+                        f"{metrics['n']} test samples, seed {args.bootstrap_seed})", intervals)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from cqkd.calibration import calibrate_run
+    from cqkd.report import calibration_table
+
+    result = calibrate_run(args.run, split=args.split, ece_bins=args.ece_bins, progress=not args.quiet)
+    calibration_table(args.run, result)
+    print(f"written: {os.path.join(args.run, 'calibration.json')}")
+    return 0
+
+
+def cmd_plot_reliability(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cqkd.plots import reliability_diagram
+    from cqkd.runs import RunDir
+
+    if args.labels is not None and len(args.labels) != len(args.runs):
+        raise CqkdError(f"--labels has {len(args.labels)} names for {len(args.runs)} runs")
+    if Path(args.out).suffix.lower() != ".png":
+        raise CqkdError(f"--out {args.out!r} must be a .png file")
+    if args.ece_bins < 1:
+        raise CqkdError(f"--ece-bins must be at least 1, got {args.ece_bins}")
+    names = args.labels or [Path(r).name or r for r in args.runs]
+    if args.labels is None and len(set(names)) < len(names):
+        names = list(args.runs)
+    entries = []
+    for name, path in zip(names, args.runs):
+        run = RunDir(path)
+        if not run.path.is_dir():
+            raise CqkdError(f"run {path!r} is not a directory")
+        saved = run.test_logits()
+        if "logits" not in saved or "labels" not in saved:
+            raise CqkdError(f"{run.logits_file} holds no test logits and labels")
+        entries.append((name, saved["logits"], saved["labels"]))
+    out = reliability_diagram(entries, args.out, n_bins=args.ece_bins)
+    print(f"written: {out}")
     return 0
 
 
@@ -209,7 +262,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p, distill=True)
     p = add("evaluate", cmd_evaluate, "recompute and print a run's test metrics from its saved weights")
     p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N", help="also print 95%% percentile bootstrap intervals for top1, nll and ece from N resamples")
+    p.add_argument("--bootstrap-seed", type=int, default=0, metavar="SEED", help="seed of the bootstrap resampling (default: 0)")
+    p.add_argument("--ece-bins", type=int, default=None, help="equal-width bins for ECE (default: the run's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = add("calibrate", cmd_calibrate, "fit the run's temperature T_cal on val and print NLL and ECE before and after",
+            "Temperature scaling (Guo et al., 2017): fit one T_cal > 0 minimising the NLL of softmax(z / T_cal) on "
+            "the run's validation split, report NLL and ECE before and after on val and test, and write "
+            "RUN_DIR/calibration.json (which --teacher-calibration temperature and --temperature calibrated read).")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--split", default="val", help="the split to fit on; never test (default: val)")
+    p.add_argument("--ece-bins", type=int, default=15, help="equal-width bins for ECE (default: 15)")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p = add("plot", lambda a: a.plot_func(a), "draw figures from finished runs")
+    plots = p.add_subparsers(dest="plot", required=True, metavar="FIGURE")
+    q = plots.add_parser("reliability", help="reliability diagram of one or more runs' test predictions",
+                         description="Accuracy against confidence in equal-width bins, the gap to the diagonal "
+                                     "shaded, samples per bin below, ECE in the legend; from each run's test_logits.pt.")
+    q.set_defaults(plot_func=cmd_plot_reliability)
+    q.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    q.add_argument("--out", required=True, metavar="FILE.png", help="the PNG file to write")
+    q.add_argument("--labels", nargs="+", default=None, metavar="NAME", help="legend names, one per run (default: the directory names)")
+    q.add_argument("--ece-bins", type=int, default=15, help="equal-width bins (default: 15)")
     p = add("models", cmd_models, "list the registered models with parameters and FLOPs")
     p.add_argument("--size", type=int, default=28, help="input size for the FLOPs column")
     p.add_argument("--channels", type=int, default=1, help="input channels")
@@ -241,7 +315,8 @@ def _quiet_libraries() -> None:
 
     os.environ["CQKD_QUIET_LIGHTNING"] = "1"
     for pattern in (".*LeafSpec.*", ".*does not have many workers.*", ".*Experiment logs directory.*",
-                    ".*exists and is not empty.*", ".*litlogger.*"):
+                    ".*exists and is not empty.*", ".*litlogger.*",
+                    r".*module\(s\) in eval mode.*", ".*smaller than the logging interval.*"):
         warnings.filterwarnings("ignore", message=pattern)
 
 

@@ -355,19 +355,24 @@ def save_outputs(run: RunDir, module: CQKDModule, metrics: dict[str, Any]) -> No
     state = {k: v.detach().cpu().contiguous() for k, v in module.model.state_dict().items()}
     meta = {"cqkd_version": __version__, "model": module.cfg.model, "config_digest": module.cfg.digest()}
     atomic_write(run.weights_file, lambda f: f.write(save(state, metadata=meta)), mode="wb")
-    try:
+    write_json(run.metrics_file, metrics)
+    try:  # a figure is a convenience: failing to draw it must not lose the run
         from cqkd.plots import reliability_diagram
 
         reliability_diagram([(run.path.name, res["logits"], res["labels"])], run.path / "reliability.png",
                             n_bins=module.cfg.ece_bins)
-    except ImportError:
-        pass
-    write_json(run.metrics_file, metrics)
+    except Exception as e:  # noqa: BLE001
+        import warnings
+
+        warnings.warn(f"could not draw {run.path / 'reliability.png'}: {type(e).__name__}: {e}", stacklevel=2)
     run.set_state("finished")
 
 
-def evaluate_run(path: str | os.PathLike, progress: bool = True, **overrides: Any) -> dict[str, Any]:
-    """Recompute a finished run's test metrics from its saved weights."""
+def evaluate_run(path: str | os.PathLike, progress: bool = True, outputs: dict[str, torch.Tensor] | None = None,
+                 **overrides: Any) -> dict[str, Any]:
+    """Recompute a finished run's test metrics from its saved weights.
+
+    ``outputs``, if given, receives the test tensors (``logits``, ``labels``, ...)."""
     from cqkd.teacher import load_weights
 
     run = RunDir(path)
@@ -380,7 +385,66 @@ def evaluate_run(path: str | os.PathLike, progress: bool = True, **overrides: An
     check_weights(weights, run.config())
     splits, model, teacher = prepare(cfg)
     load_weights(model, weights)
+    if teacher is not None and teacher.t_cal is not None and run.metrics_file.exists():
+        # report the T_cal this student was trained with, even if the teacher was recalibrated since
+        trained_t_cal = run.metrics().get("t_cal")
+        if isinstance(trained_t_cal, (int, float)) and trained_t_cal > 0:
+            teacher.t_cal = float(trained_t_cal)
+            if cfg.teacher_calibration == "temperature":
+                teacher.temperature = teacher.t_cal
     module = CQKDModule(model, cfg, splits.info, teacher)
     trainer = make_trainer(cfg, None, progress, devices=1, strategy="auto", num_nodes=1, logger=False)
     trainer.test(module, make_loader(splits.test, 512, shuffle=False), verbose=False)
+    if outputs is not None:
+        outputs.update(module.test_results)
     return collect_metrics(module, cfg, splits.info, teacher)
+
+
+# ------------------------------------------------------------------------------ predictions
+
+def _student_config(cfg: RunConfig) -> RunConfig:
+    """``cfg`` without its teacher: the same data, model and degradation, nothing to load."""
+    if cfg.kind != "distill":
+        return cfg
+    temperature = 1.0 if cfg.temperature == "calibrated" else cfg.temperature
+    return cfg.replace(kind="train", teacher=None, temperature=temperature, teacher_calibration="none")
+
+
+@torch.no_grad()
+def predict_splits(path: str | os.PathLike, names: list[str], batch_size: int = 512) -> dict[str, dict[str, torch.Tensor]]:
+    """A finished run's logits on the splits ``names``: ``{split: {"logits", "labels"}}``.
+
+    The view is the one the run is evaluated on (``validation_step``/``test_step``): the
+    un-augmented image through ``CQKDModule.student_forward`` (the run's degradation), from
+    its saved ``model.safetensors``, in eval mode. Noise in a degradation is drawn from a
+    generator seeded by the run's seed, so repeated calls give the same logits.
+    """
+    from cqkd.teacher import load_weights
+
+    run = RunDir(path)
+    cfg = _student_config(run.config())
+    weights = run.require_weights()
+    from cqkd.robust import check_weights
+
+    check_weights(weights, run.config())
+    splits, model, _ = prepare(cfg)
+    load_weights(model, weights)
+    module = CQKDModule(model, cfg, splits.info).eval()
+    use_cuda = torch.cuda.is_available() and str(cfg.accelerator) in ("auto", "gpu", "cuda")
+    module.to("cuda" if use_cuda else "cpu")
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name in names:
+        data = splits.split(name)
+        logits, labels = [], []
+        for i, (x, y, _) in enumerate(make_loader(data, batch_size, shuffle=False)):
+            g = step_generator(cfg.seed, i, stream=1)
+            z = module.student_forward(module.to_float(x.to(module.device)), g)
+            logits.append(z.float().cpu())
+            labels.append(y.cpu())
+        out[name] = {"logits": torch.cat(logits), "labels": torch.cat(labels)}
+    return out
+
+
+def predict_logits(path: str | os.PathLike, split: str = "test") -> dict[str, torch.Tensor]:
+    """A finished run's ``{"logits", "labels"}`` on one split (see ``predict_splits``)."""
+    return predict_splits(path, [split])[split]
