@@ -42,7 +42,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from cqkd import __version__
 from cqkd.config import RunConfig
 from cqkd.errors import CqkdError
-from cqkd.runs import RunDir, atomic_write, effective_state
+from cqkd.runs import RunDir, atomic_write, describe_load_error, effective_state
 
 CHECKPOINT_NAMES = ("last.ckpt", "interrupted.ckpt", "step.ckpt")  # tie-break order on equal steps
 
@@ -56,9 +56,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise CqkdError(f"checkpoint {str(path)!r} does not exist") from None
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CqkdError(f"checkpoint {str(path)!r} is corrupt or not a plain-tensor checkpoint; refusing to load it "
-                        f"({type(e).__name__}: {first[:160]})") from None
+                        f"({describe_load_error(e)})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CqkdError(f"checkpoint {str(path)!r} is not a Lightning checkpoint (no state_dict)")
     return ckpt

@@ -70,6 +70,19 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> N
     atomic_write(path, lambda f: torch.save(tensors, f), mode="wb")
 
 
+def describe_load_error(e: BaseException) -> str:
+    """A short reason for a failed ``torch.load(weights_only=True)`` (without torch's advice to
+    retry with ``weights_only=False``, which would execute whatever the file contains)."""
+    text = str(e)
+    if "Weights only load failed" in text:
+        skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(skip)]
+        reason = lines[0] if lines else "not plain tensors"
+        return f"not loadable as plain tensors: {reason[:120]}"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(e).__name__}: {first[:120]}" if first else type(e).__name__
+
+
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a dict of tensors without unpickling arbitrary objects."""
     try:
@@ -77,7 +90,7 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise CqkdError(f"{path} does not exist") from None
     except Exception as e:
-        raise CqkdError(f"{path} is corrupt or not a tensor file ({type(e).__name__})") from None
+        raise CqkdError(f"{path} is corrupt or not a tensor file; refusing to load it ({describe_load_error(e)})") from None
 
 
 def read_json(path: str | os.PathLike) -> Any:
