@@ -214,8 +214,9 @@ def effective_state(run: RunDir) -> tuple[str | None, str]:
     state = status.get("state")
     if state == "running":
         pid, host = status.get("pid"), status.get("host")
-        if isinstance(pid, int) and (host is None or host == socket.gethostname()) and not pid_alive(pid):
-            return "failed", f"stale: process {pid} is gone"
+        same_host = host is None or host == socket.gethostname()
+        if isinstance(pid, int) and same_host and (pid == os.getpid() or not pid_alive(pid)):
+            return "failed", f"stale: process {pid} is gone" if pid != os.getpid() else "stale: left running by this process"
         return "running", f"pid {pid}" if pid else ""
     if state == "failed":
         return "failed", str(status.get("error", ""))
