@@ -12,9 +12,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from cqkd.errors import CqkdError
+from cqkd.errors import CqkdError, RunFailed, RunInterrupted
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1
 _DEFAULTS_NOTE = "(default: %s)"
 
 
@@ -51,7 +52,7 @@ def _add_run_options(p: argparse.ArgumentParser, distill: bool) -> None:
     g.add_argument("--ece-bins", type=int, default=S, help=f"equal-width bins for ECE {_DEFAULTS_NOTE % d('ece_bins')}")
     if distill:
         g = p.add_argument_group("distillation")
-        g.add_argument("--teacher", required=True, metavar="RUN_DIR", help="run directory of the trained teacher")
+        g.add_argument("--teacher", default=S, metavar="RUN_DIR", help="run directory of the trained teacher (required; with --resume it comes from the stored config)")
         g.add_argument("--temperature", default=S, metavar="T", help=f"distillation temperature T > 0, or 'calibrated' for the teacher's T_cal {_DEFAULTS_NOTE % d('temperature')}")
         g.add_argument("--alpha", type=float, default=S, help=f"weight of the soft (KL) term in [0, 1] {_DEFAULTS_NOTE % d('alpha')}")
         g.add_argument("--teacher-calibration", default=S, choices=["none", "temperature"], help="divide the teacher's logits by its T_cal (fitted on val) before T")
@@ -66,17 +67,29 @@ def _add_run_options(p: argparse.ArgumentParser, distill: bool) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--config", metavar="YAML", help="start from this configuration (a run's config.yaml works); options override it")
     g.add_argument("--out", required=True, metavar="DIR", help="the run directory to write")
-    g.add_argument("--force", action="store_true", help="overwrite a finished run in --out")
+    g.add_argument("--force", action="store_true", help="overwrite a finished (or unfinished) run in --out")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out from its last checkpoint; its stored config.yaml "
+                        "is the starting point and given options must not change it")
+    g.add_argument("--checkpoint-every-n-steps", type=int, default=S, metavar="N",
+                   help=f"write a resumable checkpoint every N optimizer steps, 0 = epoch ends only {_DEFAULTS_NOTE % d('checkpoint_every_n_steps')}")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-_NOT_CONFIG = {"command", "func", "config", "out", "force", "quiet"}
+_NOT_CONFIG = {"command", "func", "config", "out", "force", "quiet", "resume"}
 
 
 def _config_from_args(args: argparse.Namespace, kind: str):
     from cqkd.config import RunConfig
 
     raw: dict[str, Any] = {}
+    if getattr(args, "resume", False) and not args.config:
+        from cqkd.runs import RunDir
+
+        run = RunDir(args.out)
+        if not run.config_file.exists():
+            raise CqkdError(f"--resume: {args.out!r} holds no run to resume (no config.yaml); drop --resume to start one")
+        raw.update(run.config().to_dict())
     if args.config:
         import yaml
 
@@ -89,12 +102,31 @@ def _config_from_args(args: argparse.Namespace, kind: str):
             raise CqkdError(f"--config {args.config!r} is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
             raise CqkdError(f"--config {args.config!r} must hold a mapping of options")
+        _check_config_keys(loaded, f"--config {args.config!r}")
         raw.update(loaded)
     raw.update({k: v for k, v in vars(args).items() if k not in _NOT_CONFIG})
     raw["kind"] = kind
     if isinstance(raw.get("devices"), str) and raw["devices"].isdigit():
         raw["devices"] = int(raw["devices"])
     return RunConfig.from_dict(raw, where="options")
+
+
+def _check_config_keys(loaded: dict[str, Any], where: str) -> None:
+    """Unknown keys and wrong types in a YAML file, reported against that file."""
+    import difflib
+    import typing
+    from dataclasses import fields
+
+    from cqkd.config import RunConfig, _coerce
+
+    known = {f.name for f in fields(RunConfig)}
+    hints = typing.get_type_hints(RunConfig)
+    for key, value in loaded.items():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise CqkdError(f"{where}: unknown key {key!r} (value {value!r}){hint}")
+        _coerce(key, value, hints[key], where)
 
 
 def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
@@ -107,7 +139,7 @@ def cmd_train(args: argparse.Namespace, kind: str = "train") -> int:
     from cqkd.training import fit_run
 
     cfg = _config_from_args(args, kind)
-    metrics = fit_run(cfg, args.out, force=args.force, progress=not args.quiet)
+    metrics = fit_run(cfg, args.out, force=args.force, progress=not args.quiet, resume=args.resume)
     from cqkd.training import is_rank_zero
 
     if is_rank_zero():
@@ -123,8 +155,68 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cqkd.training import evaluate_run
 
-    metrics = evaluate_run(args.run, progress=not args.quiet)
+    if args.bootstrap < 0:
+        raise CqkdError(f"--bootstrap must be >= 0 (0 = no intervals), got {args.bootstrap}")
+    if args.ece_bins is not None and args.ece_bins < 1:
+        raise CqkdError(f"--ece-bins must be at least 1, got {args.ece_bins}")
+    overrides = {} if args.ece_bins is None else {"ece_bins": args.ece_bins}
+    outputs: dict[str, Any] = {}
+    metrics = evaluate_run(args.run, progress=not args.quiet, outputs=outputs, **overrides)
     _print_metrics(f"evaluation of {args.run} (test split)", metrics)
+    if args.bootstrap:
+        from cqkd.metrics import bootstrap_intervals
+        from cqkd.report import intervals_table
+
+        intervals = bootstrap_intervals(outputs["logits"], outputs["labels"], n=args.bootstrap,
+                                        seed=args.bootstrap_seed, ece_bins=metrics["ece_bins"])
+        intervals_table(f"95% percentile bootstrap intervals ({args.bootstrap} resamples of the "
+                        f"{metrics['n']} test samples, seed {args.bootstrap_seed})", intervals)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from cqkd.calibration import calibrate_run
+    from cqkd.report import calibration_table
+
+    result = calibrate_run(args.run, split=args.split, ece_bins=args.ece_bins, progress=not args.quiet)
+    calibration_table(args.run, result)
+    print(f"written: {os.path.join(args.run, 'calibration.json')}")
+    return 0
+
+
+def cmd_plot_reliability(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cqkd.plots import reliability_diagram
+    from cqkd.runs import RunDir
+
+    if args.labels is not None and len(args.labels) != len(args.runs):
+        raise CqkdError(f"--labels has {len(args.labels)} names for {len(args.runs)} runs")
+    if Path(args.out).suffix.lower() != ".png":
+        raise CqkdError(f"--out {args.out!r} must be a .png file")
+    if args.ece_bins < 1:
+        raise CqkdError(f"--ece-bins must be at least 1, got {args.ece_bins}")
+    names = args.labels or [Path(r).name or r for r in args.runs]
+    if args.labels is None and len(set(names)) < len(names):
+        names = list(args.runs)
+    entries = []
+    for name, path in zip(names, args.runs):
+        run = RunDir(path)
+        if not run.path.is_dir():
+            raise CqkdError(f"run {path!r} is not a directory")
+        saved = run.test_logits()
+        if "logits" not in saved or "labels" not in saved:
+            raise CqkdError(f"{run.logits_file} holds no test logits and labels")
+        entries.append((name, saved["logits"], saved["labels"]))
+    out = reliability_diagram(entries, args.out, n_bins=args.ece_bins)
+    print(f"written: {out}")
+    return 0
+
+
+def cmd_runs_list(args: argparse.Namespace) -> int:
+    from cqkd.report import runs_table
+
+    runs_table(args.dir)
     return 0
 
 
@@ -170,7 +262,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p, distill=True)
     p = add("evaluate", cmd_evaluate, "recompute and print a run's test metrics from its saved weights")
     p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N", help="also print 95%% percentile bootstrap intervals for top1, nll and ece from N resamples")
+    p.add_argument("--bootstrap-seed", type=int, default=0, metavar="SEED", help="seed of the bootstrap resampling (default: 0)")
+    p.add_argument("--ece-bins", type=int, default=None, help="equal-width bins for ECE (default: the run's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = add("calibrate", cmd_calibrate, "fit the run's temperature T_cal on val and print NLL and ECE before and after",
+            "Temperature scaling (Guo et al., 2017): fit one T_cal > 0 minimising the NLL of softmax(z / T_cal) on "
+            "the run's validation split, report NLL and ECE before and after on val and test, and write "
+            "RUN_DIR/calibration.json (which --teacher-calibration temperature and --temperature calibrated read).")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--split", default="val", help="the split to fit on; never test (default: val)")
+    p.add_argument("--ece-bins", type=int, default=15, help="equal-width bins for ECE (default: 15)")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p = add("plot", lambda a: a.plot_func(a), "draw figures from finished runs")
+    plots = p.add_subparsers(dest="plot", required=True, metavar="FIGURE")
+    q = plots.add_parser("reliability", help="reliability diagram of one or more runs' test predictions",
+                         description="Accuracy against confidence in equal-width bins, the gap to the diagonal "
+                                     "shaded, samples per bin below, ECE in the legend; from each run's test_logits.pt.")
+    q.set_defaults(plot_func=cmd_plot_reliability)
+    q.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    q.add_argument("--out", required=True, metavar="FILE.png", help="the PNG file to write")
+    q.add_argument("--labels", nargs="+", default=None, metavar="NAME", help="legend names, one per run (default: the directory names)")
+    q.add_argument("--ece-bins", type=int, default=15, help="equal-width bins (default: 15)")
     p = add("models", cmd_models, "list the registered models with parameters and FLOPs")
     p.add_argument("--size", type=int, default=28, help="input size for the FLOPs column")
     p.add_argument("--channels", type=int, default=1, help="input channels")
@@ -182,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-samples", type=int, default=None, help="override the demo's training subset")
     p.add_argument("--force", action="store_true", help="rerun finished runs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = sub.add_parser("runs", help="inspect run directories", description="inspect run directories")
+    runs_sub = p.add_subparsers(dest="runs_command", required=True, metavar="SUBCOMMAND")
+    q = runs_sub.add_parser("list", help="a table of the runs under DIR: state, kind, model, size, top-1, ECE")
+    q.add_argument("dir", metavar="DIR")
+    q.set_defaults(func=cmd_runs_list)
     for extra in _EXTENSIONS:
         extra(sub, add)
     return parser
@@ -231,7 +349,8 @@ def _quiet_libraries() -> None:
 
     os.environ["CQKD_QUIET_LIGHTNING"] = "1"
     for pattern in (".*LeafSpec.*", ".*does not have many workers.*", ".*Experiment logs directory.*",
-                    ".*exists and is not empty.*", ".*litlogger.*"):
+                    ".*exists and is not empty.*", ".*litlogger.*",
+                    r".*module\(s\) in eval mode.*", ".*smaller than the logging interval.*"):
         warnings.filterwarnings("ignore", message=pattern)
 
 
@@ -244,6 +363,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CqkdError as e:
         print(f"cqkd: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except RunInterrupted as e:
+        out = getattr(args, "out", None)
+        hint = f"; continue with: cqkd {args.command} --out {out} --resume" if out and e.checkpoint else ""
+        print(f"cqkd: {e}{hint}", file=sys.stderr)
+        return 143 if e.signal_name == "SIGTERM" else 130
+    except RunFailed as e:
+        print(f"cqkd: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("cqkd: interrupted", file=sys.stderr)
         return 130

@@ -56,6 +56,8 @@ class RunConfig:
     num_nodes: int = 1
     precision: str | int = "32"
     num_workers: int = 0
+    # fault tolerance: a resumable checkpoint every N optimizer steps (0 = only at epoch ends)
+    checkpoint_every_n_steps: int = 200
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -82,7 +84,8 @@ class RunConfig:
 
     def digest(self) -> str:
         """A short hash of the settings that determine the result (not hardware/loader knobs)."""
-        ignore = {"accelerator", "devices", "num_workers", "data_dir", "num_nodes", "strategy"}
+        ignore = {"accelerator", "devices", "num_workers", "data_dir", "num_nodes", "strategy",
+                  "checkpoint_every_n_steps"}
         payload = {k: v for k, v in self.to_dict().items() if k not in ignore}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -129,6 +132,8 @@ class RunConfig:
             raise bad("num_workers", "must be >= 0")
         if self.num_nodes < 1:
             raise bad("num_nodes", "must be >= 1")
+        if self.checkpoint_every_n_steps < 0:
+            raise bad("checkpoint_every_n_steps", "must be >= 0 (0 = checkpoint at epoch ends only)")
         if self.kind == "distill" and not self.teacher:
             raise bad("teacher", "a distillation run needs a teacher run directory")
         if self.kind == "train" and self.temperature == "calibrated":

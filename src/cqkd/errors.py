@@ -20,3 +20,22 @@ def unknown_name(kind: str, name: str, valid: Iterable[str]) -> CqkdError:
     close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     return CqkdError(f"unknown {kind} {name!r}{hint} (valid: {', '.join(valid)})")
+
+
+class RunFailed(Exception):
+    """A run that started but could not finish (e.g. the loss became NaN).
+
+    The run directory is marked failed; the CLI prints one line and exits 1.
+    """
+
+
+class RunInterrupted(Exception):
+    """A run stopped by Ctrl-C or SIGTERM after saving a resumable checkpoint.
+
+    The run directory is marked failed (reason "interrupted"); ``--resume`` continues it.
+    """
+
+    def __init__(self, signal_name: str, step: int, checkpoint: str | None) -> None:
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        where = f"; checkpoint saved to {checkpoint}" if checkpoint else " (no new checkpoint; --resume uses the latest one)"
+        super().__init__(f"interrupted by {signal_name} at step {step}{where}")

@@ -26,8 +26,8 @@ def metrics_table(title: str, metrics: dict[str, Any]) -> None:
     for key in _MAIN_KEYS:
         if key in metrics:
             table.add_row(key, _fmt(metrics[key]))
-    for key in ("model", "size", "params", "flops", "epochs", "seed", "temperature", "alpha", "t_cal",
-                "teacher_calibration", "kl_teacher_student"):
+    for key in ("model", "size", "params", "flops", "epochs", "seed", "temperature", "temperature_mode", "alpha",
+                "t_cal", "teacher_calibration", "teacher_temperature_applied", "kl_teacher_student"):
         if metrics.get(key) is not None:
             table.add_row(key, _fmt(metrics[key]))
     for prefix in ("teacher_metrics", "teacher_lr_metrics"):
@@ -69,3 +69,59 @@ def models_table(size: int, channels: int, classes: int) -> None:
     rows.append(("timm:NAME", "timm", "", "", "any timm model, e.g. timm:resnet18"))
     rows.append(("<torchvision name>", "torchvision", "", "", "any torchvision classification model"))
     print_rows(f"models (FLOPs per image at {size}x{size}x{channels})", ("model", "family", "params", "FLOPs", "description"), rows)
+
+
+def runs_table(root: str) -> None:
+    """Print the run directories under ``root`` with their state and headline metrics."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from cqkd.runs import list_runs
+
+    rows = list_runs(root)
+    table = Table(title=f"runs under {root}", show_header=True)
+    for name, justify in (("run", "left"), ("state", "left"), ("kind", "left"), ("model", "left"),
+                          ("size", "right"), ("top1", "right"), ("ece", "right")):
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    table.add_column("note", no_wrap=True, overflow="ellipsis", max_width=48)
+    colours = {"finished": "green", "running": "yellow", "failed": "red"}
+    for r in rows:
+        state = f"[{colours.get(r['state'], 'white')}]{r['state']}[/]"
+        table.add_row(r["run"], state, *("" if r[k] is None else _fmt(r[k]) for k in ("kind", "model", "size", "top1", "ece")),
+                      r["note"][:60])
+    console = Console()
+    console.print(table)
+    if not rows:
+        console.print(f"no run directories (with config.yaml) under {root}")
+
+
+def calibration_table(run: str, result: dict[str, Any]) -> None:
+    """Print ``calibrate_run``'s result: NLL and ECE before and after temperature scaling."""
+    from rich.console import Console
+    from rich.table import Table
+
+    split = result["split"]
+    table = Table(title=f"temperature scaling of {run}", caption=f"T_cal = {result['t_cal']:.4f}, fitted on {split} "
+                  f"(n = {result['n_fit']}); ECE with {result['ece_bins']} equal-width bins")
+    for h in ("split", "n", "top1", "NLL before", "NLL after", "ECE before", "ECE after"):
+        table.add_column(h, justify="left" if h == "split" else "right")
+    for name, m in result["metrics"].items():
+        label = f"{name} (fit)" if name == split else name
+        table.add_row(label, str(m["n"]), _fmt(m["top1"]), _fmt(m["nll_before"]), _fmt(m["nll_after"]),
+                      _fmt(m["ece_before"]), _fmt(m["ece_after"]))
+    Console().print(table)
+    if result.get("at_bound"):
+        Console(stderr=True).print("[yellow]note: T_cal lies at the edge of the search range [0.01, 100][/]")
+
+
+def intervals_table(title: str, intervals: dict[str, dict[str, float]]) -> None:
+    """Print bootstrap intervals: metric, value, low, high."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for h in ("metric", "value", "low", "high"):
+        table.add_column(h, justify="left" if h == "metric" else "right")
+    for key, v in intervals.items():
+        table.add_row(key, _fmt(v["value"]), _fmt(v["low"]), _fmt(v["high"]))
+    Console().print(table)

@@ -7,7 +7,8 @@ Layout of a run directory::
     metrics.json       test metrics and run facts, written last
     test_logits.pt     {"logits", "labels"} of the test split (plain tensors)
     model.safetensors  the selected (best on val) weights of the trained model
-    checkpoints/       Lightning checkpoints: best.ckpt (on val) and last.ckpt
+    checkpoints/       Lightning checkpoints: best.ckpt (on val), last.ckpt (epoch end),
+                       step.ckpt (every N steps), interrupted.ckpt (Ctrl-C / SIGTERM); see cqkd.robust
     metrics.csv        training curves (Lightning's CSVLogger)
 
 Every file is written to a temporary name in the same directory and renamed into place,
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,6 +33,8 @@ from cqkd.config import RunConfig
 from cqkd.errors import CqkdError
 
 STATES = ("running", "finished", "failed")
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "w") -> None:
@@ -39,6 +43,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -65,6 +70,19 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> N
     atomic_write(path, lambda f: torch.save(tensors, f), mode="wb")
 
 
+def describe_load_error(e: BaseException) -> str:
+    """A short reason for a failed ``torch.load(weights_only=True)`` (without torch's advice to
+    retry with ``weights_only=False``, which would execute whatever the file contains)."""
+    text = str(e)
+    if "Weights only load failed" in text:
+        skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(skip)]
+        reason = lines[0] if lines else "not plain tensors"
+        return f"not loadable as plain tensors: {reason[:120]}"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(e).__name__}: {first[:120]}" if first else type(e).__name__
+
+
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a dict of tensors without unpickling arbitrary objects."""
     try:
@@ -72,7 +90,7 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise CqkdError(f"{path} does not exist") from None
     except Exception as e:
-        raise CqkdError(f"{path} is corrupt or not a tensor file ({type(e).__name__})") from None
+        raise CqkdError(f"{path} is corrupt or not a tensor file; refusing to load it ({describe_load_error(e)})") from None
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -125,9 +143,18 @@ class RunDir:
             raise CqkdError(f"--out {str(self.path)!r} exists and is not a directory")
         if self.is_finished and not force:
             raise CqkdError(f"--out {str(self.path)!r} holds a finished run; pass --force to overwrite it")
+        if not resume and self.state in ("running", "failed"):
+            state, note = effective_state(self)
+            if state == "running":
+                raise CqkdError(f"--out {str(self.path)!r} holds a run that is still running ({note}); "
+                                "choose another directory or stop that run")
+            has_ckpt = self.checkpoint_dir.is_dir() and any(self.checkpoint_dir.glob("*.ckpt"))
+            if has_ckpt and not force:
+                raise CqkdError(f"--out {str(self.path)!r} holds an unfinished run with checkpoints ({note}); "
+                                "pass --resume to continue it or --force to start it over")
         if not resume and self.path.exists() and any(self.path.iterdir()) and not force and self.state is None:
             raise CqkdError(f"--out {str(self.path)!r} is not empty and is not a cqkd run; choose another directory")
-        if force and not resume:
+        if not resume and (force or self.state in ("running", "failed")):
             for f in (self.metrics_file, self.logits_file, self.weights_file, self.calibration_file,
                       self.path / "metrics.csv"):
                 f.unlink(missing_ok=True)
@@ -136,7 +163,7 @@ class RunDir:
                     f.unlink()
         self.path.mkdir(parents=True, exist_ok=True)
         write_yaml(self.config_file, cfg.to_dict())
-        self.set_state("running", pid=os.getpid())
+        self.set_state("running", pid=os.getpid(), host=socket.gethostname(), resumed=resume)
 
     # ---------------------------------------------------------------- contents
     def config(self) -> RunConfig:
@@ -161,3 +188,64 @@ class RunDir:
             hint = " (the run is still running or failed)" if self.state in ("running", "failed") else ""
             raise CqkdError(f"run {str(self.path)!r} has no trained model ({self.weights_file.name} missing){hint}")
         return self.weights_file
+
+
+# ------------------------------------------------------------------------------ listing runs
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def effective_state(run: RunDir) -> tuple[str | None, str]:
+    """(state, note). A "running" run whose process is gone on this host is reported as failed
+    ("stale"); elsewhere (another host) it cannot be checked and stays "running"."""
+    if not run.status_file.exists():
+        return None, "no status.json"
+    try:
+        status = json.loads(run.status_file.read_text())
+    except (OSError, ValueError):
+        return "failed", "unreadable status.json"
+    state = status.get("state")
+    if state == "running":
+        pid, host = status.get("pid"), status.get("host")
+        same_host = host is None or host == socket.gethostname()
+        if isinstance(pid, int) and same_host and (pid == os.getpid() or not pid_alive(pid)):
+            return "failed", f"stale: process {pid} is gone" if pid != os.getpid() else "stale: left running by this process"
+        return "running", f"pid {pid}" if pid else ""
+    if state == "failed":
+        return "failed", str(status.get("error", ""))
+    return state, ""
+
+
+def list_runs(root: str | os.PathLike) -> list[dict[str, Any]]:
+    """One row per run directory under ``root`` (``root`` itself included): its path relative to
+    ``root``, state, note, kind, model, size, top1, ece. Unreadable files leave blanks."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CqkdError(f"{str(root)!r} is not a directory")
+    rows = []
+    for config in sorted(root.rglob("config.yaml")):
+        run = RunDir(config.parent)
+        state, note = effective_state(run)
+        row: dict[str, Any] = {"run": str(run.path.relative_to(root)) or ".", "state": state or "?", "note": note,
+                               "kind": None, "model": None, "size": None, "top1": None, "ece": None}
+        try:
+            raw = yaml.safe_load(config.read_text())
+            if isinstance(raw, dict):
+                row.update(kind=raw.get("kind"), model=raw.get("model"), size=raw.get("size"))
+        except (OSError, yaml.YAMLError):
+            row["note"] = (note + "; " if note else "") + "unreadable config.yaml"
+        if state == "finished" and run.metrics_file.exists():
+            try:
+                m = json.loads(run.metrics_file.read_text())
+                row.update(top1=m.get("top1"), ece=m.get("ece"), size=m.get("size", row["size"]))
+            except (OSError, ValueError):
+                row["note"] = "unreadable metrics.json"
+        rows.append(row)
+    return rows

@@ -39,6 +39,12 @@ def load_weights(model: nn.Module, path: Path) -> None:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise CqkdError(f"{path} is corrupt or not a safetensors file ({e})") from None
+    expected = model.state_dict()
+    wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items()
+             if k in expected and v.shape != expected[k].shape]
+    if wrong:
+        k, got, want = wrong[-1]  # the last one is usually the classifier
+        raise CqkdError(f"{path} does not match the model: {k} has shape {list(got)}, the model needs {list(want)}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CqkdError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -54,6 +60,23 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _check_classes(weights: Path, model: nn.Module, path: str, info: DatasetInfo) -> None:
+    """Name the class-count mismatch plainly: the classifier is the last weight matrix."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CqkdError(f"{weights} is corrupt or not a safetensors file ({e})") from None
+    matrices = [k for k, v in model.state_dict().items() if v.ndim == 2]
+    if matrices and matrices[-1] in shapes and len(shapes[matrices[-1]]) == 2:
+        n = shapes[matrices[-1]][0]
+        if n != info.num_classes:
+            raise CqkdError(f"teacher {path!r} predicts {n} classes but dataset {info.name!r} has "
+                            f"{info.num_classes}; distil from a teacher trained on the same classes")
+
+
 def load_teacher(path: str, info: DatasetInfo) -> Teacher:
     """Build the teacher of run directory ``path`` for dataset ``info``, frozen, in eval mode."""
     run = RunDir(path)
@@ -65,6 +88,7 @@ def load_teacher(path: str, info: DatasetInfo) -> Teacher:
         raise CqkdError(f"teacher {path!r} was trained on {cfg.dataset!r}, not {info.name!r}")
     input_size = cfg.degradation_spec().output_size(info.image_size)
     model = build_model(cfg.model, info.num_classes, info.channels, input_size)
+    _check_classes(weights, model, path, info)
     try:
         load_weights(model, weights)
     except CqkdError as e:

@@ -13,6 +13,7 @@ One training step, top to bottom (see ``CQKDModule.training_step``)::
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from cqkd.losses import distillation_loss, supervised_loss
 from cqkd.metrics import all_metrics, mean_kl
 from cqkd.models import build_model, count_flops, count_params
 from cqkd.quality import upsample_to
-from cqkd.runs import RunDir, save_tensors, write_json
+from cqkd.runs import RunDir, atomic_write, save_tensors, write_json
 from cqkd.teacher import Teacher, load_teacher
 from cqkd.views import ViewSpec, apply_views, step_generator
 
@@ -173,9 +174,11 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
-def make_trainer(cfg: RunConfig, run_dir: Path | None, progress: bool = True, **overrides: Any) -> L.Trainer:
+def make_trainer(cfg: RunConfig, run_dir: Path | None, progress: bool = True,
+                 extra_callbacks: list[Any] | None = None, resume_step: int | None = None,
+                 **overrides: Any) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-    from lightning.pytorch.loggers import CSVLogger
+    from cqkd.robust import AtomicCheckpointIO, make_csv_logger
 
     if os.environ.get("CQKD_QUIET_LIGHTNING"):
         import logging
@@ -185,10 +188,12 @@ def make_trainer(cfg: RunConfig, run_dir: Path | None, progress: bool = True, **
     callbacks: list[Any] = []
     logger: Any = False
     if run_dir is not None:
-        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/top1",
-                                         mode="max", save_last=True, auto_insert_metric_name=False,
-                                         enable_version_counter=False))
-        logger = CSVLogger(save_dir=str(run_dir), name="", version="")
+        # an absolute dirpath, so that a resumed run (any spelling of --out) keeps its best-checkpoint state
+        callbacks.append(ModelCheckpoint(dirpath=Path(run_dir).resolve() / "checkpoints", filename="best",
+                                         monitor="val/top1", mode="max", save_last=True,
+                                         auto_insert_metric_name=False, enable_version_counter=False))
+        logger = make_csv_logger(Path(run_dir), keep_before_step=resume_step)
+    callbacks.extend(extra_callbacks or [])
     if progress:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     kwargs: dict[str, Any] = dict(
@@ -196,6 +201,7 @@ def make_trainer(cfg: RunConfig, run_dir: Path | None, progress: bool = True, **
         num_nodes=cfg.num_nodes, precision=cfg.precision, logger=logger, callbacks=callbacks,
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=10, enable_checkpointing=run_dir is not None,
+        plugins=[AtomicCheckpointIO()],  # atomic writes; loads only with weights_only=True
     )
     kwargs.update(overrides)
     return L.Trainer(**kwargs)
@@ -224,42 +230,89 @@ def prepare(cfg: RunConfig) -> tuple[Splits, nn.Module, Teacher | None]:
     return splits, model, teacher
 
 
-def fit_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, progress: bool = True) -> dict[str, Any]:
+def fit_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, progress: bool = True,
+            resume: bool = False) -> dict[str, Any]:
     """Train (supervised or CQKD) as configured, writing the run directory ``out``.
 
+    With ``resume``, continue the interrupted run in ``out`` from its most advanced checkpoint
+    (see ``cqkd.robust``); its stored configuration must match ``cfg``.
     Returns the metrics written to ``metrics.json``.
     """
-    splits, model, teacher = prepare(cfg)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from cqkd.errors import RunFailed, RunInterrupted
+    from cqkd.robust import (RunGuard, SigtermOutsideFit, check_data_dir, check_teacher, checkpoint_step,
+                             resume_checkpoint, shuffle_generator)
+
     run = RunDir(out)
+    if resume and force:
+        raise CqkdError("--resume and --force contradict each other: --resume continues the run in --out, "
+                        "--force starts it over")
+    check_data_dir(cfg.data_dir)
+    ckpt_path = resume_checkpoint(run, cfg) if resume else None  # checked before any work
+    splits, model, teacher = prepare(cfg)
+    if ckpt_path is not None and teacher is not None:
+        check_teacher(ckpt_path, teacher.digest, teacher.path)
     if is_rank_zero():
-        run.prepare(cfg, force=force)
+        run.prepare(cfg, force=force, resume=resume)
+        if resume and ckpt_path is None:
+            print(f"cqkd: {out} has no checkpoint yet; starting it from the beginning", file=sys.stderr)
     start = time.time()
-    try:
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
-        model = build_model(cfg.model, splits.info.num_classes, splits.info.channels,
-                            cfg.degradation_spec().output_size(splits.info.image_size))  # seeded init
-        module = CQKDModule(model, cfg, splits.info, teacher)
-        trainer = make_trainer(cfg, run.path, progress)
-        train_loader = make_loader(splits.train, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
-                                   drop_last=len(splits.train) > cfg.batch_size, seed=cfg.seed)
-        val_loader = make_loader(splits.val, 512, shuffle=False, num_workers=cfg.num_workers)
-        trainer.fit(module, train_loader, val_loader)
-        if trainer.interrupted:
-            raise KeyboardInterrupt
-        trainer.test(module, make_loader(splits.test, 512, shuffle=False, num_workers=cfg.num_workers),
-                     ckpt_path="best", verbose=False)
-        metrics = collect_metrics(module, cfg, splits.info, teacher)
-        ckpt = trainer.checkpoint_callback
-        metrics.update(best_val_top1=_float(ckpt.best_model_score), best_checkpoint=Path(ckpt.best_model_path).name,
-                       train_samples_used=len(splits.train), time_s=round(time.time() - start, 1))
-        if trainer.is_global_zero:
-            save_outputs(run, module, metrics)
-        return metrics
-    except BaseException as e:
-        if is_rank_zero():
-            reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
-            run.set_state("failed", error=reason)
-        raise
+    guard = RunGuard(run.path / "checkpoints", cfg.checkpoint_every_n_steps, cfg.seed, None,
+                     teacher.digest if teacher is not None else None)
+    trainer: Any = None
+    with SigtermOutsideFit(guard):
+        try:
+            L.seed_everything(cfg.seed, workers=True, verbose=False)
+            model = build_model(cfg.model, splits.info.num_classes, splits.info.channels,
+                                cfg.degradation_spec().output_size(splits.info.image_size))  # seeded init
+            module = CQKDModule(model, cfg, splits.info, teacher)
+            train_loader = make_loader(splits.train, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
+                                       drop_last=len(splits.train) > cfg.batch_size, seed=cfg.seed)
+            guard.train_generator = shuffle_generator(train_loader)
+            trainer = make_trainer(cfg, run.path, progress, extra_callbacks=[guard],
+                                   resume_step=checkpoint_step(ckpt_path) if ckpt_path else None)
+            val_loader = make_loader(splits.val, 512, shuffle=False, num_workers=cfg.num_workers)
+            trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
+            if trainer.interrupted:
+                raise KeyboardInterrupt
+            trainer.test(module, make_loader(splits.test, 512, shuffle=False, num_workers=cfg.num_workers),
+                         ckpt_path="best", verbose=False)
+            metrics = collect_metrics(module, cfg, splits.info, teacher)
+            ckpt = trainer.checkpoint_callback
+            metrics.update(best_val_top1=_float(ckpt.best_model_score), best_checkpoint=Path(ckpt.best_model_path).name,
+                           train_samples_used=len(splits.train), time_s=round(time.time() - start, 1))
+            if resume:
+                metrics["resumed_from"] = ckpt_path.name if ckpt_path else None
+            if trainer.is_global_zero:
+                save_outputs(run, module, metrics)
+                for name in ("step.ckpt", "interrupted.ckpt"):  # only needed to resume; keep last and best
+                    (run.checkpoint_dir / name).unlink(missing_ok=True)
+            return metrics
+        except RunInterrupted as e:
+            step = e.step or (trainer.global_step if trainer is not None else 0)
+            _mark_failed(run, "interrupted", signal=e.signal_name, step=step, checkpoint=e.checkpoint)
+            raise
+        except SIGTERMException:
+            saved = guard.saved_interrupt
+            step = trainer.global_step if trainer is not None else 0
+            _mark_failed(run, "interrupted", signal="SIGTERM", step=step, checkpoint=saved)
+            raise RunInterrupted("SIGTERM", step, saved) from None
+        except FloatingPointError as e:
+            _mark_failed(run, f"diverged: {e}")
+            raise RunFailed(f"training diverged: {e}; run {str(out)!r} marked failed "
+                            "(lower --lr, or check the data)") from None
+        except (KeyboardInterrupt, SystemExit):  # a second Ctrl-C; Lightning turns it into sys.exit(1)
+            _mark_failed(run, "interrupted")
+            raise KeyboardInterrupt from None
+        except BaseException as e:
+            _mark_failed(run, f"{type(e).__name__}: {e}")
+            raise
+
+
+def _mark_failed(run: RunDir, reason: str, **info: Any) -> None:
+    if is_rank_zero():
+        run.set_state("failed", error=reason, **info)
 
 
 def _float(x: Any) -> float | None:
@@ -295,27 +348,31 @@ def _summary(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_outputs(run: RunDir, module: CQKDModule, metrics: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     res = module.test_results
     save_tensors(run.logits_file, {k: v for k, v in res.items() if k != "idx"})
-    tmp = run.weights_file.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in module.model.state_dict().items()}, str(tmp),
-              metadata={"cqkd_version": __version__, "model": module.cfg.model})
-    os.replace(tmp, run.weights_file)
-    try:
+    state = {k: v.detach().cpu().contiguous() for k, v in module.model.state_dict().items()}
+    meta = {"cqkd_version": __version__, "model": module.cfg.model, "config_digest": module.cfg.digest()}
+    atomic_write(run.weights_file, lambda f: f.write(save(state, metadata=meta)), mode="wb")
+    write_json(run.metrics_file, metrics)
+    try:  # a figure is a convenience: failing to draw it must not lose the run
         from cqkd.plots import reliability_diagram
 
         reliability_diagram([(run.path.name, res["logits"], res["labels"])], run.path / "reliability.png",
                             n_bins=module.cfg.ece_bins)
-    except ImportError:
-        pass
-    write_json(run.metrics_file, metrics)
+    except Exception as e:  # noqa: BLE001
+        import warnings
+
+        warnings.warn(f"could not draw {run.path / 'reliability.png'}: {type(e).__name__}: {e}", stacklevel=2)
     run.set_state("finished")
 
 
-def evaluate_run(path: str | os.PathLike, progress: bool = True, **overrides: Any) -> dict[str, Any]:
-    """Recompute a finished run's test metrics from its saved weights."""
+def evaluate_run(path: str | os.PathLike, progress: bool = True, outputs: dict[str, torch.Tensor] | None = None,
+                 **overrides: Any) -> dict[str, Any]:
+    """Recompute a finished run's test metrics from its saved weights.
+
+    ``outputs``, if given, receives the test tensors (``logits``, ``labels``, ...)."""
     from cqkd.teacher import load_weights
 
     run = RunDir(path)
@@ -323,9 +380,71 @@ def evaluate_run(path: str | os.PathLike, progress: bool = True, **overrides: An
     if overrides:
         cfg = cfg.replace(**overrides)
     weights = run.require_weights()
+    from cqkd.robust import check_weights
+
+    check_weights(weights, run.config())
     splits, model, teacher = prepare(cfg)
     load_weights(model, weights)
+    if teacher is not None and teacher.t_cal is not None and run.metrics_file.exists():
+        # report the T_cal this student was trained with, even if the teacher was recalibrated since
+        trained_t_cal = run.metrics().get("t_cal")
+        if isinstance(trained_t_cal, (int, float)) and trained_t_cal > 0:
+            teacher.t_cal = float(trained_t_cal)
+            if cfg.teacher_calibration == "temperature":
+                teacher.temperature = teacher.t_cal
     module = CQKDModule(model, cfg, splits.info, teacher)
     trainer = make_trainer(cfg, None, progress, devices=1, strategy="auto", num_nodes=1, logger=False)
     trainer.test(module, make_loader(splits.test, 512, shuffle=False), verbose=False)
+    if outputs is not None:
+        outputs.update(module.test_results)
     return collect_metrics(module, cfg, splits.info, teacher)
+
+
+# ------------------------------------------------------------------------------ predictions
+
+def _student_config(cfg: RunConfig) -> RunConfig:
+    """``cfg`` without its teacher: the same data, model and degradation, nothing to load."""
+    if cfg.kind != "distill":
+        return cfg
+    temperature = 1.0 if cfg.temperature == "calibrated" else cfg.temperature
+    return cfg.replace(kind="train", teacher=None, temperature=temperature, teacher_calibration="none")
+
+
+@torch.no_grad()
+def predict_splits(path: str | os.PathLike, names: list[str], batch_size: int = 512) -> dict[str, dict[str, torch.Tensor]]:
+    """A finished run's logits on the splits ``names``: ``{split: {"logits", "labels"}}``.
+
+    The view is the one the run is evaluated on (``validation_step``/``test_step``): the
+    un-augmented image through ``CQKDModule.student_forward`` (the run's degradation), from
+    its saved ``model.safetensors``, in eval mode. Noise in a degradation is drawn from a
+    generator seeded by the run's seed, so repeated calls give the same logits.
+    """
+    from cqkd.teacher import load_weights
+
+    run = RunDir(path)
+    cfg = _student_config(run.config())
+    weights = run.require_weights()
+    from cqkd.robust import check_weights
+
+    check_weights(weights, run.config())
+    splits, model, _ = prepare(cfg)
+    load_weights(model, weights)
+    module = CQKDModule(model, cfg, splits.info).eval()
+    use_cuda = torch.cuda.is_available() and str(cfg.accelerator) in ("auto", "gpu", "cuda")
+    module.to("cuda" if use_cuda else "cpu")
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name in names:
+        data = splits.split(name)
+        logits, labels = [], []
+        for i, (x, y, _) in enumerate(make_loader(data, batch_size, shuffle=False)):
+            g = step_generator(cfg.seed, i, stream=1)
+            z = module.student_forward(module.to_float(x.to(module.device)), g)
+            logits.append(z.float().cpu())
+            labels.append(y.cpu())
+        out[name] = {"logits": torch.cat(logits), "labels": torch.cat(labels)}
+    return out
+
+
+def predict_logits(path: str | os.PathLike, split: str = "test") -> dict[str, torch.Tensor]:
+    """A finished run's ``{"logits", "labels"}`` on one split (see ``predict_splits``)."""
+    return predict_splits(path, [split])[split]

@@ -1,0 +1,256 @@
+"""Temperature scaling (Guo et al., 2017) and the calibration of a run.
+
+Temperature scaling divides every logit vector by one scalar T_cal > 0 fitted by minimising
+the negative log-likelihood on a held-out split:
+
+    T_cal = argmin_{T > 0}  −(1/N) Σ_i log softmax(z_i / T)_{y_i}
+
+It changes confidences but never the argmax, so accuracy is unchanged. The fit runs on
+u = log T (so T stays positive) with a golden-section search: the NLL is convex in 1/T, hence
+unimodal in log T, and the search is deterministic and needs no learning rate.
+
+    C. Guo, G. Pleiss, Y. Sun, K. Q. Weinberger. On Calibration of Modern Neural Networks.
+    ICML 2017. https://arxiv.org/abs/1706.04599
+
+A run's calibration lives in ``<run>/calibration.json``: ``calibrate_run`` fits T_cal on the
+validation split (never on test) and records NLL and ECE before and after on val and test;
+``teacher_temperature`` reads it (fitting it first if absent), which is how a distillation
+run with ``--teacher-calibration temperature`` or ``--temperature calibrated`` gets T_cal.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cqkd.errors import CqkdError
+
+_GOLDEN = (math.sqrt(5) - 1) / 2  # 0.618...
+
+
+def _nll_at(logits: torch.Tensor, labels: torch.Tensor, t: float) -> float:
+    return float(F.cross_entropy(logits / t, labels))
+
+
+class TemperatureScaler:
+    """One temperature for all classes: p = softmax(z / T_cal) (Guo et al., 2017).
+
+    ``fit(logits, labels)`` minimises NLL(T) = −(1/N) Σ_i log softmax(z_i/T)_{y_i} over
+    u = log T in ``[log t_min, log t_max]`` by golden-section search in float64 (to a width of
+    ``tol`` in u). Guard: if the fitted NLL were higher than the NLL at T = 1 (it cannot be,
+    up to rounding), T_cal = 1 is kept. ``transform(logits)`` returns z / T_cal.
+    ``save``/``load`` use JSON. After ``fit``: ``nll_before`` (T = 1), ``nll_after``, ``n``
+    and ``at_bound`` (the optimum lies at the edge of the search range, e.g. separable data
+    whose NLL keeps falling as T → 0).
+    """
+
+    def __init__(self, t_cal: float | None = None, t_min: float = 1e-2, t_max: float = 1e2, tol: float = 1e-10) -> None:
+        if not 0 < t_min < 1 < t_max:
+            raise ValueError(f"need 0 < t_min < 1 < t_max, got {t_min}, {t_max}")
+        if t_cal is not None and not (math.isfinite(t_cal) and t_cal > 0):
+            raise ValueError(f"t_cal must be a finite number > 0, got {t_cal}")
+        self.t_cal = t_cal
+        self.t_min, self.t_max, self.tol = t_min, t_max, tol
+        self.nll_before: float | None = None
+        self.nll_after: float | None = None
+        self.n: int | None = None
+        self.at_bound = False
+
+    def __repr__(self) -> str:
+        return f"TemperatureScaler(t_cal={self.t_cal})"
+
+    @property
+    def fitted(self) -> bool:
+        return self.t_cal is not None
+
+    def fit(self, logits: torch.Tensor, labels: torch.Tensor) -> "TemperatureScaler":
+        z = logits.detach().cpu().double()
+        y = labels.detach().cpu().long()
+        if z.ndim != 2 or y.ndim != 1 or len(z) != len(y):
+            raise ValueError(f"expected logits (N, K) and labels (N,), got {tuple(z.shape)} and {tuple(y.shape)}")
+        if len(y) == 0:
+            raise ValueError("cannot fit a temperature on zero samples")
+        if not torch.isfinite(z).all():
+            raise ValueError("the logits contain NaN or infinite values")
+
+        def f(u: float) -> float:
+            return _nll_at(z, y, math.exp(u))
+
+        lo, hi = math.log(self.t_min), math.log(self.t_max)
+        a, b = lo, hi
+        c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
+        fc, fd = f(c), f(d)
+        while b - a > self.tol:
+            if fc <= fd:  # the minimum lies in [a, d]
+                b, d, fd = d, c, fc
+                c = b - _GOLDEN * (b - a)
+                fc = f(c)
+            else:  # in [c, b]
+                a, c, fc = c, d, fd
+                d = a + _GOLDEN * (b - a)
+                fd = f(d)
+        # the ends of the range are candidates too (a monotone NLL ends there)
+        candidates = [(fc, c), (fd, d), (f(lo), lo), (f(hi), hi)]
+        best_f, best_u = min(candidates)
+        nll_one = f(0.0)
+        self.n = len(y)
+        self.nll_before = nll_one
+        if best_f <= nll_one:
+            self.t_cal, self.nll_after = math.exp(best_u), best_f
+            self.at_bound = best_u - lo < 1e-6 or hi - best_u < 1e-6
+        else:  # guard: never worse than no scaling
+            self.t_cal, self.nll_after, self.at_bound = 1.0, nll_one, False
+        return self
+
+    def transform(self, logits: torch.Tensor) -> torch.Tensor:
+        """z / T_cal (same dtype as ``logits``)."""
+        if self.t_cal is None:
+            raise RuntimeError("TemperatureScaler.transform called before fit (or load)")
+        return logits / self.t_cal
+
+    def fit_transform(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.fit(logits, labels).transform(logits)
+
+    # ---------------------------------------------------------------- persistence
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": "temperature", "t_cal": self.t_cal, "nll_before": self.nll_before,
+                "nll_after": self.nll_after, "n": self.n, "at_bound": self.at_bound,
+                "t_min": self.t_min, "t_max": self.t_max}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "calibration") -> "TemperatureScaler":
+        if not isinstance(data, dict) or data.get("method", "temperature") != "temperature":
+            raise CqkdError(f"{where}: not a temperature-scaling calibration")
+        t = data.get("t_cal")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise CqkdError(f"{where}: t_cal={t!r} is not a number > 0")
+        scaler = cls(float(t), data.get("t_min", 1e-2), data.get("t_max", 1e2))
+        scaler.nll_before, scaler.nll_after = data.get("nll_before"), data.get("nll_after")
+        scaler.n, scaler.at_bound = data.get("n"), bool(data.get("at_bound", False))
+        return scaler
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the fitted temperature as JSON (atomically)."""
+        from cqkd.runs import write_json
+
+        if self.t_cal is None:
+            raise RuntimeError("nothing to save: the scaler is not fitted")
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TemperatureScaler":
+        from cqkd.runs import read_json
+
+        return cls.from_dict(read_json(path), where=str(path))
+
+
+# ------------------------------------------------------------------------------ runs
+
+def _before_after(logits: torch.Tensor, labels: torch.Tensor, t_cal: float, ece_bins: int) -> dict[str, float]:
+    from cqkd.metrics import calibration_errors, nll, top1
+
+    before = calibration_errors(logits, labels, ece_bins)
+    after = calibration_errors(logits.double() / t_cal, labels, ece_bins)
+    return {"n": int(len(labels)), "top1": top1(logits, labels),
+            "nll_before": nll(logits, labels), "nll_after": nll(logits.double() / t_cal, labels),
+            "ece_before": before["ece"], "ece_after": after["ece"]}
+
+
+def calibrate_run(run_path: str | os.PathLike, split: str = "val", ece_bins: int = 15,
+                  progress: bool = True) -> dict[str, Any]:
+    """Fit T_cal for the run in ``run_path`` on ``split`` and write ``calibration.json``.
+
+    The logits are the run's own on its evaluation view (un-augmented, degraded as the run
+    was; ``cqkd.training.predict_logits``), from its saved weights. Returns (and writes) the
+    fitted ``t_cal``, the split used, and NLL / ECE before and after scaling on val and test.
+    Fitting on the test split is refused: T_cal would be tuned on the data it is judged on.
+    """
+    from cqkd.runs import RunDir, write_json
+    from cqkd.teacher import file_digest
+    from cqkd.training import predict_splits
+
+    if split == "test":
+        raise CqkdError("calibrating on the test split is not allowed: T_cal would be fitted on the data "
+                        "it is evaluated on; use --split val")
+    if ece_bins < 1:
+        raise CqkdError(f"--ece-bins must be at least 1, got {ece_bins}")
+    run = RunDir(run_path)
+    cfg = run.config()
+    weights = run.require_weights()
+    names = [split] + [s for s in ("val", "test") if s != split]
+    if progress:
+        import sys
+
+        print(f"computing the logits of {run.path} on {', '.join(names)} ...", file=sys.stderr, flush=True)
+    outputs = predict_splits(run.path, names)
+    fit = outputs[split]
+    scaler = TemperatureScaler().fit(fit["logits"], fit["labels"])
+    t_cal = float(scaler.t_cal)  # type: ignore[arg-type]
+    result: dict[str, Any] = {
+        "method": "temperature", "t_cal": t_cal, "split": split, "n_fit": scaler.n, "ece_bins": ece_bins,
+        "nll_fit_before": scaler.nll_before, "nll_fit_after": scaler.nll_after, "at_bound": scaler.at_bound,
+        "metrics": {s: _before_after(outputs[s]["logits"], outputs[s]["labels"], t_cal, ece_bins)
+                    for s in ("val", "test")},
+        "weights_digest": file_digest(weights), "model": cfg.model, "dataset": cfg.dataset,
+        "degradation": cfg.degradation_spec().spec(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if split not in ("val", "test"):
+        result["metrics"][split] = _before_after(fit["logits"], fit["labels"], t_cal, ece_bins)
+    write_json(run.calibration_file, result)
+    return result
+
+
+def read_calibration(run_path: str | os.PathLike) -> dict[str, Any] | None:
+    """The run's ``calibration.json`` (checked), or None when there is none."""
+    from cqkd.runs import RunDir, read_json
+
+    file = RunDir(run_path).calibration_file
+    if not file.exists():
+        return None
+    data = read_json(file)
+    TemperatureScaler.from_dict(data, where=str(file))  # validates t_cal
+    return data
+
+
+def teacher_temperature(run_path: str, fit_if_missing: bool = True) -> float:
+    """T_cal of the (teacher) run in ``run_path``, from its ``calibration.json``.
+
+    If the file is absent, or was fitted for other weights than the run's current
+    ``model.safetensors``, T_cal is fitted on the val split first (``calibrate_run``) when
+    ``fit_if_missing``; otherwise that is an error.
+    """
+    from cqkd.runs import RunDir
+    from cqkd.teacher import file_digest
+
+    run = RunDir(run_path)
+    data = read_calibration(run_path)
+    if data is not None:
+        digest = data.get("weights_digest")
+        if digest is None or digest == file_digest(run.require_weights()):
+            return _checked_t_cal(data, run_path)
+        reason = f"{run.calibration_file} was fitted for other weights than {run.weights_file.name}"
+    else:
+        reason = f"{run.calibration_file} does not exist"
+    if not fit_if_missing:
+        raise CqkdError(f"no temperature for {str(Path(run_path))!r}: {reason}; run `cqkd calibrate {run_path}`")
+    return _checked_t_cal(calibrate_run(run_path, "val", ece_bins=run.config().ece_bins, progress=False), run_path)
+
+
+def _checked_t_cal(data: dict[str, Any], run_path: str | os.PathLike) -> float:
+    """T_cal, with a warning when it sits at the edge of the search range: e.g. a teacher that
+    classifies its whole val split correctly, whose NLL keeps falling as T -> 0, so that
+    z_t / T_cal turns the soft targets into (nearly) one-hot ones."""
+    t_cal = float(data["t_cal"])
+    if data.get("at_bound"):
+        import warnings
+
+        warnings.warn(f"T_cal = {t_cal:g} of {str(run_path)!r} lies at the edge of the search range (val "
+                      f"top-1 {data.get('metrics', {}).get('val', {}).get('top1', float('nan')):.4f}); "
+                      "temperature scaling has no interior optimum for this teacher", stacklevel=3)
+    return t_cal

@@ -1,0 +1,440 @@
+"""Issue 7: bad input gets one clear line (exit 2), interruptions lose nothing, saved files are
+safe to load; and issue 6's ``--resume``.
+
+Bad inputs go through ``cqkd.cli.main`` in-process (the same code path as the command, without
+paying the import time once per case); runs that are killed go through real subprocesses
+(``python -m cqkd``) with test-only hooks that make the kill deterministic:
+``CQKD_TEST_HANG_AT_STEP`` (wait at a step, after its periodic checkpoint, until a signal) and
+``CQKD_TEST_KILL_AFTER_EPOCH`` (SIGKILL once an epoch and its checkpoints are complete).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cqkd.cli import main
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+FAST = ["--dataset", "synthetic", "--train-samples", "300", "--size", "7", "--epochs", "1", "--quiet"]
+KILLABLE = ["--dataset", "synthetic", "--train-samples", "400", "--size", "7", "--epochs", "2",
+            "--batch-size", "64", "--checkpoint-every-n-steps", "2", "--quiet"]
+
+
+def cqkd(capsys, *argv: str) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def spawn(*argv: str, **env: str) -> subprocess.Popen:
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]), **env}
+    return subprocess.Popen([sys.executable, "-m", "cqkd", *map(str, argv)], env=environment,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(path: Path, step: int, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+    """Poll until the checkpoint ``path`` exists and holds ``global_step == step``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the run ended (rc={proc.returncode}) before step {step}:\n{err[-2000:]}")
+        if path.exists():
+            try:
+                if torch.load(path, map_location="cpu", weights_only=True)["global_step"] == step:
+                    return
+            except Exception:
+                pass
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"{path} did not reach step {step} within {timeout}s")
+
+
+def status(run: Path) -> dict:
+    return json.loads((run / "status.json").read_text())
+
+
+def assert_no_finished_run(path: Path) -> None:
+    assert not (path / "metrics.json").exists()
+    if (path / "status.json").exists():
+        assert status(path)["state"] != "finished"
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    """A tiny finished teacher run at 14 px (so that a 20 px student is 'larger than the teacher')."""
+    out = tmp_path_factory.mktemp("teacher") / "t14"
+    assert main(["train", *FAST, "--size", "14", "--out", str(out)]) == 0
+    return out
+
+
+class Malicious:
+    """Unpickling this runs a command that creates a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def plant(path: Path, marker: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": Malicious(marker)}, f)
+    # torch.save also pickles: a legitimate-looking zip checkpoint with the same payload
+    torch.save({"state_dict": {}, "payload": Malicious(marker)}, str(path) + ".zip")
+
+
+# ------------------------------------------------------------------------------ bad input: exit 2, one line
+
+@pytest.mark.parametrize("extra, culprit", [
+    (["--size", "0"], "size=0"),
+    (["--size", "40"], "--size 40 is larger than the synthetic images"),
+    (["--model", "cnn-smal"], "did you mean 'cnn-small'"),
+    (["--dataset", "syntetic"], "did you mean 'synthetic'"),
+    (["--epochs", "0"], "epochs=0"),
+    (["--lr", "-1"], "lr=-1.0"),
+    (["--checkpoint-every-n-steps", "-1"], "checkpoint_every_n_steps=-1"),
+    (["--data-dir", "/nonexistent/cqkd"], "--data-dir '/nonexistent/cqkd' does not exist"),
+])
+def test_bad_train_option(capsys, tmp_path, extra, culprit):
+    out = tmp_path / "run"
+    code, err = cqkd(capsys, "train", *FAST, *extra, "--out", out)
+    assert code == 2
+    assert err.startswith("cqkd: error: ") and err.count("\n") == 1, err
+    assert culprit in err
+    assert not out.exists()  # detected before a run directory is created
+
+
+@pytest.mark.parametrize("extra, culprit", [
+    (["--temperature", "0"], "temperature=0.0: must be > 0"),
+    (["--temperature", "-2"], "temperature=-2.0: must be > 0"),
+    (["--temperature", "hot"], "temperature='hot'"),
+    (["--alpha", "1.5"], "alpha=1.5: must be in [0, 1]"),
+    (["--alpha", "-0.1"], "alpha=-0.1"),
+    (["--size", "20"], "--size 20 is larger than the teacher's input (14 px)"),
+])
+def test_bad_distill_option(capsys, tmp_path, teacher, extra, culprit):
+    out = tmp_path / "run"
+    code, err = cqkd(capsys, "distill", *FAST, "--size", "7", "--teacher", teacher, *extra, "--out", out)
+    assert code == 2 and err.count("\n") == 1, err
+    assert culprit in err
+    assert not out.exists()
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bad_teachers(capsys, tmp_path, teacher):
+    from safetensors.torch import save_file
+
+    from cqkd.models import build_model
+
+    cases = []
+    missing = tmp_path / "missing"
+    cases.append((missing, "is not a directory"))
+    not_a_run = tmp_path / "not-a-run"
+    not_a_run.mkdir()
+    cases.append((not_a_run, "is not a cqkd run directory (no config.yaml)"))
+    no_weights = _copy_run(teacher, tmp_path / "no-weights")
+    (no_weights / "model.safetensors").unlink()
+    cases.append((no_weights, "has no trained model (model.safetensors missing)"))
+    truncated = _copy_run(teacher, tmp_path / "truncated")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 3])
+    cases.append((truncated, "is corrupt or not a safetensors file"))
+    five = _copy_run(teacher, tmp_path / "five-classes")
+    model = build_model("cnn-small", 5, 1, 14)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(five / "model.safetensors"))
+    cases.append((five, "predicts 5 classes but dataset 'synthetic' has 10"))
+    for path, culprit in cases:
+        out = tmp_path / f"student-{path.name}"
+        code, err = cqkd(capsys, "distill", *FAST, "--teacher", path, "--out", out)
+        assert code == 2 and err.count("\n") == 1, (path, err)
+        assert culprit in err, (path, err)
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("yaml_text, culprit", [
+    ("bogus_key: 1\n", "c.yaml': unknown key 'bogus_key' (value 1)"),
+    ("epoch: 3\n", "unknown key 'epoch' (value 3) (did you mean 'epochs'?)"),
+    ("epochs: many\n", "c.yaml': epochs='many' has the wrong type (expected int)"),
+    ("epochs: 1.5\n", "epochs=1.5 has the wrong type"),
+    ("alpha: 2\n", "alpha=2.0: must be in [0, 1]"),
+    ("batch_size: 0\n", "batch_size=0: must be at least 1"),
+    ("- a list\n", "must hold a mapping of options"),
+    ("epochs: [\n", "is not valid YAML"),
+])
+def test_bad_config_yaml(capsys, tmp_path, yaml_text, culprit):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml_text)
+    out = tmp_path / "run"
+    args = [a for a in FAST if a not in ("--epochs", "1")]
+    code, err = cqkd(capsys, "train", *args, "--config", config, "--out", out)
+    assert code == 2 and culprit in err, err
+    assert not out.exists()
+
+
+def test_finished_run_needs_force(capsys, teacher):
+    before = (teacher / "metrics.json").read_text()
+    code, err = cqkd(capsys, "train", *FAST, "--size", "14", "--out", teacher)
+    assert code == 2 and "holds a finished run; pass --force" in err
+    assert (teacher / "metrics.json").read_text() == before and status(teacher)["state"] == "finished"
+
+
+def test_bad_input_through_the_real_command(tmp_path):
+    out = tmp_path / "run"
+    proc = spawn("train", *FAST, "--lr", "0", "--out", out)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.strip().splitlines() == ["cqkd: error: options: lr=0.0: must be > 0"]
+    assert not out.exists()
+
+
+def test_nan_loss_marks_the_run_failed(capsys, tmp_path):
+    out = tmp_path / "nan"
+    code, err = cqkd(capsys, "train", "--dataset", "synthetic", "--train-samples", "400", "--size", "7",
+                     "--epochs", "1", "--batch-size", "32", "--lr", "1e6", "--quiet", "--out", out)
+    assert code == 1
+    assert err.count("\n") == 1 and "training diverged: the loss became nan at step" in err, err
+    assert status(out)["state"] == "failed" and "diverged" in status(out)["error"]
+    assert_no_finished_run(out)
+
+
+# ------------------------------------------------------------------------------ interruptions and --resume
+
+def test_sigkill_mid_epoch_then_resume(capsys, tmp_path):
+    out = tmp_path / "killed"
+    proc = spawn("train", *KILLABLE, "--out", out, CQKD_TEST_HANG_AT_STEP="4")
+    wait_for_step(out / "checkpoints" / "step.ckpt", 4, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert status(out)["state"] == "running"  # nobody could say otherwise...
+    from cqkd.runs import RunDir, effective_state, list_runs
+
+    state, note = effective_state(RunDir(out))
+    assert state == "failed" and "stale" in note  # ...but its process is gone
+    assert [r["state"] for r in list_runs(tmp_path)] == ["failed"]
+    # the periodic checkpoint is intact and safe to load
+    ckpt = torch.load(out / "checkpoints" / "step.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 4 and "optimizer_states" in ckpt and ckpt["cqkd"]["config_digest"]
+    assert not list((out / "checkpoints").glob(".*.tmp"))
+    # without --resume (and without --force) the checkpoints are not thrown away
+    code, err = cqkd(capsys, "train", *KILLABLE, "--out", out)
+    assert code == 2 and "pass --resume to continue it or --force" in err
+    code, err = cqkd(capsys, "train", "--out", out, "--resume", "--quiet")
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from"] == "step.ckpt" and 0 <= metrics["top1"] <= 1
+    assert status(out)["state"] == "finished"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+@pytest.mark.parametrize("sig, name, rc", [(signal.SIGTERM, "SIGTERM", 143), (signal.SIGINT, "Ctrl-C", 130)])
+def test_sigterm_or_ctrl_c_saves_a_clean_checkpoint_then_resume(capsys, tmp_path, sig, name, rc):
+    out = tmp_path / "terminated"
+    proc = spawn("train", *KILLABLE, "--out", out, CQKD_TEST_HANG_AT_STEP="2")
+    wait_for_step(out / "checkpoints" / "step.ckpt", 2, proc)  # it now waits at step 2 for a signal
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == rc, err
+    last_line = err.strip().splitlines()[-1]
+    assert last_line.startswith(f"cqkd: interrupted by {name} at step 2; checkpoint saved to "), err
+    assert "--resume" in last_line
+    st = status(out)
+    assert st["state"] == "failed" and st["error"] == "interrupted" and st["signal"] == name and st["step"] == 2
+    ckpt = torch.load(out / "checkpoints" / "interrupted.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2 and "optimizer_states" in ckpt and "lr_schedulers" in ckpt
+    code, err = cqkd(capsys, "train", "--out", out, "--resume", "--quiet")
+    assert code == 0, err
+    assert json.loads((out / "metrics.json").read_text())["resumed_from"] == "interrupted.ckpt"
+
+
+def test_resume_reproduces_an_uninterrupted_run(capsys, tmp_path):
+    args = [*KILLABLE, "--checkpoint-every-n-steps", "0"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    proc = spawn("train", *args, "--out", cut, CQKD_TEST_KILL_AFTER_EPOCH="1")
+    assert cqkd(capsys, "train", *args, "--out", whole)[0] == 0  # meanwhile, the uninterrupted run
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert (cut / "checkpoints" / "last.ckpt").exists() and not (cut / "metrics.json").exists()
+    code, err = cqkd(capsys, "train", *args, "--out", cut, "--resume")
+    assert code == 0, err
+    a = json.loads((whole / "metrics.json").read_text())
+    b = json.loads((cut / "metrics.json").read_text())
+    assert b["resumed_from"] == "last.ckpt"
+    for key, value in a.items():
+        if key in ("time_s",):
+            continue
+        if isinstance(value, float):
+            assert b[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+        else:
+            assert b[key] == value, key
+    la = torch.load(whole / "test_logits.pt", weights_only=True)["logits"]
+    lb = torch.load(cut / "test_logits.pt", weights_only=True)["logits"]
+    torch.testing.assert_close(la, lb)
+    # the training curves of the first epoch survive the resume
+    assert (cut / "metrics.csv").read_text() == (whole / "metrics.csv").read_text()
+
+
+def test_resume_refusals(capsys, tmp_path, teacher):
+    code, err = cqkd(capsys, "train", *FAST, "--out", tmp_path / "nothing", "--resume")
+    assert code == 2 and "holds no run to resume" in err
+    code, err = cqkd(capsys, "train", "--out", teacher, "--resume")
+    assert code == 2 and "already finished; nothing to resume" in err
+    code, err = cqkd(capsys, "train", "--out", teacher, "--resume", "--force")
+    assert code == 2 and "contradict" in err
+    # an unfinished run asked to continue with other settings
+    run = tmp_path / "stopped"
+    run.mkdir()
+    cfg = yaml_config(teacher)
+    (run / "config.yaml").write_text((teacher / "config.yaml").read_text())
+    (run / "status.json").write_text(json.dumps({"state": "failed", "error": "interrupted"}))
+    code, err = cqkd(capsys, "train", "--out", run, "--resume", "--epochs", "3", "--lr", "0.01")
+    assert code == 2 and "differs from the one stored" in err
+    assert f"epochs={cfg['epochs']!r} stored, 3 requested" in err and "lr=0.001 stored, 0.01 requested" in err
+    assert status(run)["state"] == "failed"
+    # a checkpoint written by another cqkd version, or for another config, is refused
+    ckpt = torch.load(teacher / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    (run / "checkpoints").mkdir()
+    ckpt["cqkd"] = {**ckpt["cqkd"], "version": "0.0.1"}
+    torch.save(ckpt, run / "checkpoints" / "last.ckpt")
+    code, err = cqkd(capsys, "train", "--out", run, "--resume", "--quiet")
+    assert code == 2 and "written by cqkd 0.0.1" in err
+    ckpt["cqkd"] = {**ckpt["cqkd"], "version": __import__("cqkd").__version__, "config_digest": "0" * 16}
+    torch.save(ckpt, run / "checkpoints" / "last.ckpt")
+    code, err = cqkd(capsys, "train", "--out", run, "--resume", "--quiet")
+    assert code == 2 and "belongs to another configuration" in err
+    assert_no_finished_run(run)
+
+
+def yaml_config(run: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((run / "config.yaml").read_text())
+
+
+# ------------------------------------------------------------------------------ safe persistence
+
+def test_malicious_checkpoint_is_refused_not_executed(capsys, tmp_path, teacher):
+    marker = tmp_path / "pwned"
+    run = tmp_path / "stopped"
+    run.mkdir()
+    (run / "config.yaml").write_text((teacher / "config.yaml").read_text())
+    (run / "status.json").write_text(json.dumps({"state": "failed", "error": "interrupted"}))
+    plant(run / "checkpoints" / "last.ckpt", marker)
+    code, err = cqkd(capsys, "train", "--out", run, "--resume", "--quiet")
+    assert code == 2 and "refusing to load it" in err and "last.ckpt" in err, err
+    (run / "checkpoints" / "last.ckpt.zip").replace(run / "checkpoints" / "last.ckpt")
+    code, err = cqkd(capsys, "train", "--out", run, "--resume", "--quiet")
+    assert code == 2 and "refusing to load it" in err, err
+    assert not marker.exists()
+    # Lightning's own loading path (ckpt_path="best", resume) goes through the same loader
+    from cqkd.robust import AtomicCheckpointIO
+    from cqkd.errors import CqkdError
+
+    with pytest.raises(CqkdError):
+        AtomicCheckpointIO().load_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=False)
+    # a pickle in place of the teacher's weights or of the saved test logits
+    fake = _copy_run(teacher, tmp_path / "fake-teacher")
+    plant(fake / "model.safetensors", marker)
+    code, err = cqkd(capsys, "distill", *FAST, "--teacher", fake, "--out", tmp_path / "student")
+    assert code == 2 and "not a safetensors file" in err
+    plant(fake / "test_logits.pt", marker)
+    from cqkd.runs import RunDir
+
+    with pytest.raises(CqkdError, match="corrupt or not a tensor file"):
+        RunDir(fake).test_logits()
+    (fake / "test_logits.pt.zip").replace(fake / "test_logits.pt")
+    with pytest.raises(CqkdError):
+        RunDir(fake).test_logits()
+    assert not marker.exists()
+
+
+def test_evaluate_refuses_weights_of_another_config(capsys, tmp_path, teacher):
+    run = _copy_run(teacher, tmp_path / "edited")
+    cfg = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(cfg.replace("seed: 0", "seed: 5"))
+    code, err = cqkd(capsys, "evaluate", run, "--quiet")
+    assert code == 2 and "trained with another configuration" in err
+
+
+def test_checkpoints_and_outputs_are_atomic(tmp_path, teacher):
+    from cqkd.runs import atomic_write
+
+    target = tmp_path / "file.txt"
+    target.write_text("old")
+
+    def fail_midway(f):
+        f.write("half of the new")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, fail_midway)
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+    # no temporary files are left behind by a whole run, and every checkpoint loads safely
+    leftovers = [p for p in teacher.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+    for ckpt in (teacher / "checkpoints").glob("*.ckpt"):
+        assert torch.load(ckpt, map_location="cpu", weights_only=True)["cqkd"]["version"]
+
+
+def test_runs_list(capsys, tmp_path, teacher, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    root = tmp_path / "runs"
+    _copy_run(teacher, root / "teacher")
+    stale = root / "stale"
+    stale.mkdir()
+    (stale / "config.yaml").write_text((teacher / "config.yaml").read_text())
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (stale / "status.json").write_text(json.dumps({"state": "running", "pid": int(proc.stdout)}))
+    code = main(["runs", "list", str(root)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "teacher" in out and "finished" in out and "stale" in out and "failed" in out
+    assert "cnn-small" in out
+
+
+def test_distill_resume_refuses_a_changed_teacher(capsys, tmp_path, teacher):
+    from safetensors.torch import load_file, save_file
+
+    own_teacher = _copy_run(teacher, tmp_path / "teacher")
+    out = tmp_path / "student"
+    code, err = cqkd(capsys, "distill", *FAST, "--teacher", own_teacher, "--out", out)
+    assert code == 0, err
+    # make it look interrupted after its last epoch-end checkpoint
+    (out / "metrics.json").unlink()
+    (out / "status.json").write_text(json.dumps({"state": "failed", "error": "interrupted"}))
+    state = load_file(str(own_teacher / "model.safetensors"))
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()},
+              str(own_teacher / "model.safetensors"))
+    code, err = cqkd(capsys, "distill", "--out", out, "--resume", "--quiet")  # teacher from config.yaml
+    assert code == 2 and "the teacher in" in err and "changed since" in err, err
+    assert_no_finished_run(out)
+
+
+def test_unreadable_data_dir(capsys, tmp_path, monkeypatch):
+    """(Tests run as root here, where chmod 000 does not stop reading: simulate the denial.)"""
+    data = tmp_path / "data"
+    data.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(data) else real_access(p, mode))
+    out = tmp_path / "run"
+    code, err = cqkd(capsys, "train", *FAST, "--data-dir", data, "--out", out)
+    assert code == 2 and f"--data-dir '{data}' is not readable (permission denied)" in err
+    assert not out.exists()
