@@ -22,8 +22,13 @@ SPEC = {
     "budget_minutes": 10,
     "teachers": {"t28": {"model": "cnn-small", "size": 28}},
     "supervised": {"model": "cnn-small", "size": 7, "seed": 0},
-    "distill": {"teacher": "t28", "model": "cnn-small", "size": 7, "temperature": [1, 4], "seed": [0, 1]},
+    "distill": [{"teacher": "t28", "model": "cnn-small", "size": 7, "temperature": [1, 4], "seed": [0, 1]},
+                {"size": 7, "temperature": 4, "teacher_calibration": "temperature"},  # T_cal fitted on val
+                {"size": 7, "temperature": "calibrated"}],
 }
+N_RUNS = 8
+CAL = ["distill/teacher=t28,model=cnn-small,size=7,T=4,tcal=temperature,alpha=0.5,seed=0",
+       "distill/teacher=t28,model=cnn-small,size=7,T=calibrated,tcal=none,alpha=0.5,seed=0"]
 
 
 def _write(path: Path, spec: dict) -> Path:
@@ -46,24 +51,31 @@ def test_plan_names_order_and_teachers_first(tmp_path):
     assert names[0] == "teachers/t28"
     assert names[1] == "supervised/model=cnn-small,size=7,seed=0"
     # seed is the outer loop of a grid, so seed 0 is complete first
-    assert names[2:] == [f"distill/teacher=t28,model=cnn-small,size=7,T={t},tcal=none,alpha=0.5,seed={s}"
+    assert names[2:6] == [f"distill/teacher=t28,model=cnn-small,size=7,T={t},tcal=none,alpha=0.5,seed={s}"
                          for s in (0, 1) for t in (1, 4)]
+    assert names[6:] == CAL
     assert plan.runs[2].cfg.teacher == str(tmp_path / "o" / "teachers" / "t28")
     # a key given in a grid beyond the fixed ones appears in the name; unsafe characters are replaced
-    plan = plan_sweep({**SPEC, "distill": {**SPEC["distill"], "lr": [0.01], "augment": "flip,translate=1"}}, tmp_path)
+    plan = plan_sweep({**SPEC, "distill": {**SPEC["distill"][0], "lr": [0.01], "augment": "flip,translate=1"}}, tmp_path)
     assert plan.runs[-1].name.endswith("augment=flip_translate_1,lr=0.01,seed=1")
 
 
 def test_sweep_completes_then_skips(sweep):
     cfg, out = sweep
     state = read_json(out / "sweep.json")
-    assert len(state["runs"]) == 6
+    assert len(state["runs"]) == N_RUNS
     assert {e["state"] for e in state["runs"].values()} == {"finished"}
+    tcal = RunDir(out / CAL[0]).metrics()
+    assert tcal["teacher_calibration"] == "temperature" and tcal["t_cal"] > 0
+    assert tcal["teacher_temperature_applied"] == pytest.approx(tcal["t_cal"])
+    calibrated = RunDir(out / CAL[1]).metrics()
+    assert calibrated["temperature_mode"] == "calibrated"
+    assert calibrated["temperature"] == pytest.approx(tcal["t_cal"])
     assert state["total_wall_s"] > 0 and state["budget_minutes"] == 10
     for name in state["runs"]:
         assert RunDir(out / name).is_finished
     again = run_sweep(load_sweep(cfg, out), progress=False, print_fn=lambda s: None)
-    assert again.ran == [] and again.failed == {} and len(again.skipped) == 6
+    assert again.ran == [] and again.failed == {} and len(again.skipped) == N_RUNS
     assert len(read_json(out / "sweep.json")["invocations"]) == 2
 
 
@@ -79,14 +91,14 @@ def test_dry_run_sees_stale_configs_and_teachers(sweep, tmp_path, capsys):
     cfg, out = sweep
     assert main(["sweep", str(cfg), "--out", str(out), "--dry-run"]) == 0
     text = capsys.readouterr().out
-    assert "6 runs: 6 done, 0 to run" in text and "[done] teachers/t28" in text
+    assert f"{N_RUNS} runs: {N_RUNS} done, 0 to run" in text and "[done] teachers/t28" in text
     # a changed value changes the digest: every student would rerun, the teacher would not
-    changed = _write(tmp_path / "changed.yaml", {**SPEC, "distill": {**SPEC["distill"], "alpha": 0.7}})
+    changed = _write(tmp_path / "changed.yaml", {**SPEC, "distill": [{**g, "alpha": 0.7} for g in SPEC["distill"]]})
     res = run_sweep(load_sweep(changed, out), dry_run=True, print_fn=lambda s: None)
     assert sorted(res.skipped) == ["supervised/model=cnn-small,size=7,seed=0", "teachers/t28"]
     # the same settings through another spelling of --out are still done
     res = run_sweep(load_sweep(cfg, str(out) + "/./"), dry_run=True, print_fn=lambda s: None)
-    assert len(res.skipped) == 6
+    assert len(res.skipped) == N_RUNS
 
 
 def test_failed_points_are_recorded_and_the_rest_finish(sweep, tmp_path, capsys):
@@ -127,25 +139,29 @@ def test_report_files_and_csv(sweep):
     assert main(["report", str(out)]) == 0
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 6
+    assert len(rows) == N_RUNS
     for col in ("run", "role", "state", "size", "temperature", "teacher_calibration", "alpha", "seed", "model",
                 "top1", "ece", "entropy", "best_val_top1", "flops", "temperature_used", "teacher_metrics.top1",
                 "teacher_lr_metrics.ece", "config_digest"):
         assert col in rows[0], col
-    assert sorted(r["role"] for r in rows) == ["distill"] * 4 + ["supervised", "teachers"]
-    assert {r["temperature_used"] for r in rows if r["role"] == "distill"} == {"1.0", "4.0"}
+    assert sorted(r["role"] for r in rows) == ["distill"] * 6 + ["supervised", "teachers"]
+    assert {r["temperature_used"] for r in rows if r["role"] == "distill" and r["temperature"] != "calibrated"} \
+        == {"1.0", "4.0"}
+    assert all(float(r["t_cal"]) > 0 for r in rows if r["run"] in CAL)
     text = (out / "report.md").read_text()
     for needle in ("## Findings", "Verdict rule", "FLOPs/image", "budget: 10 min", "figures/temperature.png",
                    "best by val"):
         assert needle in text, needle
-    for fig in ("temperature", "size", "entropy"):
+    assert "calibrated − uncalibrated teacher" in text  # finding 3 measured (one seed: inconclusive)
+    for fig in ("temperature", "size", "entropy", "calibration"):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize("change, needle", [
     ({"teachrs": {}}, "unknown key 'teachrs' (did you mean 'teachers'?)"),
     ({"base": {**TINY, "epoch": 1}}, "base: unknown key 'epoch'"),
-    ({"distill": {"temprature": [1, 2]}}, "unknown key 'temprature'"),
+    ({"distill": {"temprature": [1, 2]}}, "distill: unknown key 'temprature'"),
+    ({"distill": [{"size": 7}, {"sise": 7}]}, "distill[1]: unknown key 'sise'"),
     ({"distill": {"alpha": [0.5, 2]}}, "alpha=2.0"),
     ({"distill": {"teacher": "nobody"}}, "teacher='nobody'"),
     ({"supervised": {"size": []}}, "size is an empty list"),

@@ -313,8 +313,14 @@ _EXTENSIONS: list[Callable[[Any, Callable[..., argparse.ArgumentParser]], None]]
 def cmd_sweep(args: argparse.Namespace) -> int:
     from cqkd.sweep import load_sweep, run_sweep
 
+    from cqkd.errors import RunInterrupted
+
     plan = load_sweep(args.config, args.out)
-    result = run_sweep(plan, force=args.force, dry_run=args.dry_run, progress=not args.quiet)
+    try:
+        result = run_sweep(plan, force=args.force, dry_run=args.dry_run, progress=not args.quiet)
+    except RunInterrupted as e:
+        print(f"cqkd: {e}; run the same `cqkd sweep` command again to continue", file=sys.stderr)
+        return 143 if e.signal_name == "SIGTERM" else 130
     return 0 if result.ok else 1
 
 

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from cqkd.config import RunConfig
-from cqkd.errors import CqkdError
+from cqkd.errors import CqkdError, RunFailed, RunInterrupted
 from cqkd.runs import RunDir, read_json, write_json
 
 SWEEP_FILE = "sweep.json"
@@ -524,15 +524,16 @@ def _run_locked(plan: SweepPlan, state: dict[str, Any], todo: list[PlannedRun], 
                 entry.update(state="running", started=_now(), error=None, digest=run.cfg.digest())
                 save()
                 t0 = time.time()
-                rd = RunDir(run.path)
-                stale = force or (rd.config_file.exists() and _stored_digest(rd) != config_digest(run.cfg))
+                how = _how_to_start(RunDir(run.path), run.cfg, force)
+                if how.get("note"):
+                    display.log(escape(f"{run.name}: {how.pop('note')}"))
                 try:
-                    metrics = fit(run.cfg, run.path, force=stale or rd.is_finished, progress=False)
-                except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into sys.exit(1)
+                    metrics = fit(run.cfg, run.path, progress=False, **how)
+                except (KeyboardInterrupt, SystemExit, RunInterrupted):  # Lightning turns Ctrl-C into sys.exit(1)
                     entry.update(state="failed", error="interrupted", finished=_now())
-                    raise KeyboardInterrupt from None
+                    raise
                 except Exception as e:  # a failed run is recorded; the sweep goes on
-                    reason = str(e) if isinstance(e, CqkdError) else f"{type(e).__name__}: {e}"
+                    reason = str(e) if isinstance(e, (CqkdError, RunFailed)) else f"{type(e).__name__}: {e}"
                     reason = reason.splitlines()[0] if reason else type(e).__name__
                     entry.update(state="failed", error=reason, finished=_now(), time_s=round(time.time() - t0, 1))
                     result.failed[run.name] = reason
@@ -563,6 +564,24 @@ def _run_locked(plan: SweepPlan, state: dict[str, Any], todo: list[PlannedRun], 
     for name, reason in result.failed.items():
         say(f"  failed: {name}: {reason}")
     return result
+
+
+def _how_to_start(rd: RunDir, cfg: RunConfig, force: bool) -> dict[str, Any]:
+    """fit_run's arguments for a run to (re)do: continue an interrupted run of the same config
+    from its checkpoint; start over (force) a finished, changed or unresumable one."""
+    if not rd.config_file.exists():
+        return {}
+    if force or rd.is_finished or _stored_digest(rd) != config_digest(cfg):
+        return {"force": True}
+    try:
+        from cqkd.robust import resume_checkpoint
+
+        ckpt = resume_checkpoint(rd, cfg)
+    except CqkdError as e:
+        return {"force": True, "note": f"cannot resume ({e}); starting it over"}
+    if ckpt is None:
+        return {"force": True}
+    return {"resume": True, "note": f"resuming from {ckpt.name}"}
 
 
 def _stored_digest(rd: RunDir) -> str | None:
