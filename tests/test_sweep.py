@@ -264,3 +264,22 @@ def test_one_sweep_at_a_time_per_directory(tmp_path):
     (tmp_path / "o" / ".sweep.lock").write_text("999999999")  # a process that has ended
     assert not run_sweep(plan, progress=False, print_fn=lambda s: None).ok
     assert not (tmp_path / "o" / ".sweep.lock").exists()
+
+
+def test_unfinished_runs_continue_from_their_checkpoint(sweep, tmp_path):
+    from cqkd.sweep import _how_to_start
+
+    _, out = sweep
+    name = "supervised/model=cnn-small,size=7,seed=0"
+    run = RunDir(out / name)
+    cfg = run.config()
+    assert _how_to_start(RunDir(tmp_path / "new"), cfg, force=False) == {}
+    assert _how_to_start(run, cfg, force=False) == {"force": True}  # finished: start over
+    copy = RunDir(tmp_path / "copy")
+    shutil.copytree(run.path, copy.path)
+    copy.metrics_file.unlink()
+    copy.set_state("failed", error="interrupted")
+    how = _how_to_start(copy, cfg, force=False)
+    assert how["resume"] is True and "resuming from" in how["note"]
+    assert _how_to_start(copy, cfg.replace(lr=0.5), force=False) == {"force": True}  # changed config
+    assert _how_to_start(copy, cfg, force=True) == {"force": True}
