@@ -234,6 +234,11 @@ def test_findings_choose_by_val_and_pair_by_seed():
     top = f3["top-1 calibrated − uncalibrated teacher"]
     assert top["mean"] == pytest.approx(0.03) and top["std"] == pytest.approx(0.01) and top["verdict"] == "holds"
     assert f3["ECE calibrated − uncalibrated teacher"]["mean"] == pytest.approx(-0.01)
+    from cqkd.study_report import calibration_pairs, distill_series
+
+    pairs = calibration_pairs(distill_series(rows)[0])
+    assert [p["T"] for p in pairs] == ["1", "4", "16"] and all(p["n"] == 3 for p in pairs)
+    assert pairs[0]["top1_diff"][:2] == (pytest.approx(0.03), pytest.approx(0.01))
 
 
 def test_plan_errors_name_teacher_path(tmp_path):

@@ -349,6 +349,32 @@ def findings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return result
 
 
+def calibration_pairs(s: Series) -> list[dict[str, Any]]:
+    """Per fixed T present with and without teacher calibration: both sides and the paired
+    (same seed) differences calibrated − uncalibrated of top-1 and ECE, mean ± std over seeds."""
+    cal: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+    unc: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for r in s.rows:
+        if r.get("temperature") == "calibrated":
+            continue
+        side = cal if r.get("teacher_calibration") == "temperature" else unc
+        side[setting_of(r)[0]][int(r["seed"])] = r
+    out = []
+    for t in sorted(set(cal) & set(unc), key=float):
+        seeds = sorted(set(cal[t]) & set(unc[t]))
+        if not seeds:
+            continue
+        entry: dict[str, Any] = {"T": t, "n": len(seeds)}
+        for key in ("top1", "ece"):
+            a = [_f(cal[t][k], key) for k in seeds]
+            b = [_f(unc[t][k], key) for k in seeds]
+            entry[f"{key}_cal"] = mean_std(a)
+            entry[f"{key}_unc"] = mean_std(b)
+            entry[f"{key}_diff"] = mean_std([x - y for x, y in zip(a, b) if x is not None and y is not None])
+        out.append(entry)
+    return out
+
+
 # ------------------------------------------------------------------------------ the report
 
 def _pm(ms: tuple[float, float, int], digits: int = 4) -> str:
@@ -356,6 +382,13 @@ def _pm(ms: tuple[float, float, int], digits: int = 4) -> str:
     if n == 0 or math.isnan(m):
         return "–"
     return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if n > 1 and not math.isnan(s) else "")
+
+
+def _pm_signed(ms: tuple[float, float, int], digits: int = 4) -> str:
+    m, sd, n = ms
+    if n == 0 or math.isnan(m):
+        return "–"
+    return f"{m:+.{digits}f}" + (f" ± {sd:.{digits}f}" if n > 1 and not math.isnan(sd) else "")
 
 
 def _num(x: float, digits: int = 4) -> str:
@@ -482,6 +515,13 @@ def write_report(directory: str | os.PathLike) -> dict[str, Any]:
         lines.append(_md(["T", "teacher calibration", "T used", "n", "val top-1", "test top-1", "ECE", "entropy"],
                          [[e["T"], e["tcal"], _pm(e["temperature_used"], 3), e["n"], _pm(e["best_val_top1"]),
                            _pm(e["top1"]), _pm(e["ece"]), _pm(e["entropy"])] for e in settings_table(s)]))
+        pairs = calibration_pairs(s)
+        if pairs:
+            lines += ["With and without teacher calibration at the same T (differences paired by seed):", ""]
+            lines.append(_md(["T", "seeds", "top-1 uncalibrated", "top-1 calibrated", "Δ top-1", "ECE uncalibrated",
+                              "ECE calibrated", "Δ ECE"],
+                             [[p["T"], p["n"], _pm(p["top1_unc"]), _pm(p["top1_cal"]), _pm_signed(p["top1_diff"]),
+                               _pm(p["ece_unc"]), _pm(p["ece_cal"]), _pm_signed(p["ece_diff"])] for p in pairs]))
     for name, title in (("temperature", "Top-1, ECE and entropy against T (uncalibrated teacher; bands: "
                          "supervised baseline mean ± std; stars: T = the teacher's T_cal)"),
                         ("entropy", "Student entropy against ECE and top-1 (all distilled runs)"),
