@@ -335,8 +335,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _add_sweep_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
     p = add("sweep", cmd_sweep, "run a resumable grid of teacher, supervised and CQKD runs from a YAML file",
             "Run every grid point of CONFIG.yaml (base, teachers, supervised, distill) as a run directory "
-            "under --out. Finished runs with the same resolved config are skipped; failed runs are "
-            "recorded in DIR/sweep.json and the sweep goes on (exit 1 at the end if any failed).")
+            "under --out, teachers first. Finished runs with the same resolved config are skipped, interrupted "
+            "ones continue from their checkpoint; failed runs are recorded in DIR/sweep.json and the sweep "
+            "goes on (exit 1 at the end if any failed). Then: cqkd report DIR.")
     p.add_argument("config", metavar="CONFIG.yaml", help="the sweep file (see configs/fashion-mnist-study.yaml)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the sweep's runs and sweep.json")
     p.add_argument("--dry-run", action="store_true", help="list what would run and what is done; run nothing")
