@@ -50,10 +50,10 @@ def test_plan_names_order_and_teachers_first(tmp_path):
     names = [r.name for r in plan.runs]
     assert names[0] == "teachers/t28"
     assert names[1] == "supervised/model=cnn-small,size=7,seed=0"
-    # seed is the outer loop of a grid, so seed 0 is complete first
-    assert names[2:6] == [f"distill/teacher=t28,model=cnn-small,size=7,T={t},tcal=none,alpha=0.5,seed={s}"
-                         for s in (0, 1) for t in (1, 4)]
-    assert names[6:] == CAL
+    # seed is the outer loop over all grids of a section, so seed 0 is complete first
+    grid1 = [f"distill/teacher=t28,model=cnn-small,size=7,T={t},tcal=none,alpha=0.5,seed={s}"
+             for s in (0, 1) for t in (1, 4)]
+    assert names[2:] == grid1[:2] + CAL + grid1[2:]
     assert plan.runs[2].cfg.teacher == str(tmp_path / "o" / "teachers" / "t28")
     # a key given in a grid beyond the fixed ones appears in the name; unsafe characters are replaced
     plan = plan_sweep({**SPEC, "distill": {**SPEC["distill"][0], "lr": [0.01], "augment": "flip,translate=1"}}, tmp_path)

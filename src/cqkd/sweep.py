@@ -29,7 +29,7 @@ Layout of the output directory::
 A run is skipped when its directory holds a finished run whose stored config has the same
 ``RunConfig.digest()`` (teacher paths compared as absolute paths) and whose teacher's weights
 are those it was distilled from; everything else runs. Seeds are the outer loop, so an
-interrupted sweep has a complete picture at seed 0 first. A failed run is recorded in
+interrupted sweep has a complete picture at seed 0 first (over all grids of a section). A failed run is recorded in
 ``sweep.json`` and the sweep goes on; the students of a failed teacher are recorded as failed
 without running.
 """
@@ -251,6 +251,9 @@ def plan_sweep(raw: Any, out: str | os.PathLike, where: str = "sweep") -> SweepP
             name = run_name("distill", point, cfg, grid)
             runs.append(PlannedRun(name, "distill", cfg, teacher=tname, path=out / name))
 
+    # teachers, then supervised, then distill; within each, seed 0 of every grid first
+    order = {g: i for i, g in enumerate(GROUPS)}
+    runs.sort(key=lambda r: (order[r.group], r.cfg.seed if r.cfg is not None else 0))
     seen: dict[str, PlannedRun] = {}
     for r in runs:
         if r.name in seen:
