@@ -47,12 +47,13 @@ class TeacherSource:
     """Views from a per-image bank and the teacher's logits on them (online or cached)."""
 
     def __init__(self, bank: ViewBank, mode: str, reason: str, spec: cache_lib.CacheSpec | None = None,
-                 root: Path | None = None, images: torch.Tensor | None = None) -> None:
+                 root: Path | None = None, images: torch.Tensor | None = None, batch_size: int = 128) -> None:
         self.bank = bank
         self.requested = mode  # "off" or "auto"
         self.use_cache = spec is not None
         self.reason = reason
         self.spec, self.root, self.images = spec, root, images
+        self.batch_size = batch_size  # views per teacher forward while building (the run's batch size)
         self.cache: cache_lib.TeacherCache | None = None
         self.forward: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.build_s = 0.0
@@ -82,7 +83,7 @@ class TeacherSource:
         if rank == 0:
             try:
                 self.cache, build_s = cache_lib.open_or_build(
-                    self.root, self.spec, self.bank, self.images, forward, device, progress=progress)
+                    self.root, self.spec, self.bank, self.images, forward, device, self.batch_size, progress)
             except OSError as e:  # e.g. a read-only teacher run directory
                 if world_size > 1:
                     raise CqkdError(f"cannot write the teacher cache under {self.root} ({e}); "
@@ -135,4 +136,4 @@ def make_teacher_source(cfg: RunConfig, teacher: Teacher, train: ImageData, num_
         return TeacherSource(bank, mode, f"cache would take {spec.logits_bytes / 2**30:.1f} GiB "
                                          f"(> CQKD_MAX_CACHE_BYTES); teacher online")
     return TeacherSource(bank, mode, "exact: float32 teacher, in-memory split", spec,
-                         Path(teacher.path) / "cache", train.images)
+                         Path(teacher.path) / "cache", train.images, cfg.batch_size)
