@@ -107,7 +107,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--views-per-image", default="8")
     p.add_argument("--sizes", default="7,14")
-    p.add_argument("--reps", type=int, default=3, help="epochs timed per mode (median reported)")
+    p.add_argument("--reps", type=int, default=5, help="epochs timed per mode (median reported)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args()
     if args.threads:
