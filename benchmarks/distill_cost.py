@@ -10,7 +10,8 @@ one training epoch (Lightning, exactly as ``cqkd train`` / ``cqkd distill`` run 
 
 plus the one-off cache build, and the data path alone (loader fetch; loader + views +
 degradation) to show whether data loading limits a step. The modes are interleaved and
-repeated, and the median epoch time is reported, so that a busy machine slows them alike.
+repeated; each ratio is the median over repetitions of the ratio of two epochs run back to back,
+so that a busy machine slows them alike.
 
 The teacher has random weights (timing does not depend on the weights). Usage::
 
@@ -107,7 +108,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--views-per-image", default="8")
     p.add_argument("--sizes", default="7,14")
-    p.add_argument("--reps", type=int, default=5, help="epochs timed per mode (median reported)")
+    p.add_argument("--reps", type=int, default=7, help="epochs timed per mode (median reported)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args()
     if args.threads:
@@ -144,8 +145,9 @@ def main() -> None:
     times: dict[tuple[str, int], list[float]] = {}
     for rep in range(args.reps):
         for size in sizes:
-            for mode, make in modes.items():
-                c, t = make(size)
+            order = list(modes) if rep % 2 == 0 else list(reversed(modes))  # no mode always runs first
+            for mode in order:
+                c, t = modes[mode](size)
                 seconds, d = one_epoch(c, splits, t)
                 if mode != "supervised":
                     assert d["teacher_source"] == ("cache" if mode == "cached" else "online"), d
@@ -153,7 +155,7 @@ def main() -> None:
     data = {size: data_path_epoch(cfg("train", size), splits) for size in sizes}
 
     steps = len(splits.train) // args.batch_size
-    print(f"\nmedian of {args.reps} epochs ({steps} steps each), seconds per epoch:")
+    print(f"\n{args.reps} epochs of {steps} steps per mode; seconds per epoch (median, then each epoch):")
     print(f"{'size':>5} {'mode':>11} {'epoch s':>9} {'ms/step':>8}   all epochs")
     med = {k: statistics.median(v) for k, v in times.items()}
     for size in sizes:
@@ -166,9 +168,15 @@ def main() -> None:
               f"= {100 * prep / med[('supervised', size)]:.0f}% of a supervised epoch")
     print(f"cache build (one-off): {build_s:.1f} s = {build_s / med[('online', sizes[0])]:.1f} online epochs at "
           f"{sizes[0]} px")
+    # each ratio: the median over repetitions of the ratio of epochs run back to back, so that the
+    # machine's load, which drifts over seconds, cancels as far as it can
+    def ratio(mode: str, size: int) -> float:
+        pairs = zip(times[(mode, size)], times[("supervised", size)])
+        return statistics.median(a / b for a, b in pairs)
+
     for size in sizes:
-        print(f"online/supervised at {size} px: {med[('online', size)] / med[('supervised', size)]:.2f}")
-        print(f"cached/supervised at {size} px: {med[('cached', size)] / med[('supervised', size)]:.2f}")
+        print(f"online/supervised at {size} px: {ratio('online', size):.2f}")
+        print(f"cached/supervised at {size} px: {ratio('cached', size):.2f}")
 
 
 if __name__ == "__main__":

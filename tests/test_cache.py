@@ -288,3 +288,27 @@ def test_teacher_and_student_see_the_same_view(teacher_dir, splits):
     for i in range(len(idx)):
         expected = naive_view(splits.train.images[idx[i]], *params[i].tolist()).float() / 255
         assert torch.equal(t1[i], expected)
+
+
+def test_views_per_image_option_and_digest():
+    from cqkd.errors import CqkdError
+
+    assert RunConfig.from_dict({"views_per_image": "12"}).views_per_image == 12  # from the command line
+    assert RunConfig.from_dict({"views_per_image": "all"}).views_per_image == "all"
+    for bad in (0, -1, "some"):
+        with pytest.raises(CqkdError, match="views_per_image"):
+            RunConfig.from_dict({"views_per_image": bad})
+    assert RunConfig().teacher_cache == "auto"
+    # the cache is a speed setting: the same experiment either way; K changes the experiment
+    assert RunConfig(teacher_cache="off").digest() == RunConfig(teacher_cache="auto").digest()
+    assert RunConfig(views_per_image=4).digest() != RunConfig(views_per_image=8).digest()
+
+
+def test_auto_falls_back_to_online_where_the_cache_is_not_exact(teacher_dir, small):
+    teacher = load_teacher(str(teacher_dir), small.info)
+    mixed = make_teacher_source(distil_cfg(teacher_dir, N_SMALL, precision="bf16-mixed"), teacher, small.train, 10)
+    assert not mixed.use_cache and "precision" in mixed.reason
+    off = make_teacher_source(distil_cfg(teacher_dir, N_SMALL, teacher_cache="off"), teacher, small.train, 10)
+    assert not off.use_cache
+    auto = make_teacher_source(distil_cfg(teacher_dir, N_SMALL), teacher, small.train, 10)
+    assert auto.use_cache
