@@ -312,3 +312,32 @@ def test_auto_falls_back_to_online_where_the_cache_is_not_exact(teacher_dir, sma
     assert not off.use_cache
     auto = make_teacher_source(distil_cfg(teacher_dir, N_SMALL), teacher, small.train, 10)
     assert auto.use_cache
+
+
+def test_other_ranks_wait_for_rank_zero_to_build(teacher_dir, small):
+    """With DDP only global rank 0 builds; the other ranks wait for the finished cache."""
+    import threading
+    import time
+
+    cfg = distil_cfg(teacher_dir, N_SMALL)
+    teacher = load_teacher(cfg.teacher, small.info)
+    forward = training.CQKDModule(build_model("cnn-small", 10, 1, 7), cfg, small.info, teacher).teacher_forward
+    rank0, rank1 = (make_teacher_source(cfg, teacher, small.train, 10) for _ in range(2))
+    barrier = threading.Barrier(2, timeout=60)
+    calls = []
+
+    def counting(x):
+        calls.append(threading.current_thread().name)
+        return forward(x)
+
+    def run_rank0():
+        time.sleep(0.5)  # rank 1 starts waiting before anything exists
+        rank0.prepare(counting, "cpu", 0, 2, barrier.wait, progress=False)
+
+    thread = threading.Thread(target=run_rank0, name="rank0")
+    thread.start()
+    rank1.prepare(counting, "cpu", 1, 2, barrier.wait, progress=False)
+    thread.join()
+    assert rank0.built and not rank1.built
+    assert rank1.cache is not None and rank1.cache.path == rank0.cache.path
+    assert set(calls) == {"rank0"}
