@@ -203,7 +203,13 @@ def build(root: Path, spec: CacheSpec, bank: ViewBank, images: torch.Tensor,
         for name in (LOGITS_FILE, VIEWS_FILE, HEADER_FILE):
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
-        _discard(final)  # an invalid cache under the same key (a valid one is never rebuilt)
+        if final.exists():
+            try:  # another process may have finished the same build meanwhile: keep theirs
+                TeacherCache.open(final, spec, bank)
+                shutil.rmtree(tmp, ignore_errors=True)
+                return final
+            except CacheInvalid:
+                _discard(final)
         try:
             os.rename(tmp, final)
         except OSError:
