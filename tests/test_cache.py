@@ -20,7 +20,7 @@ from cqkd.teacher_source import make_teacher_source
 from cqkd.views import ViewBank, ViewSpec, apply_views, step_generator
 
 N_TRAIN = 256  # the end-to-end runs: 4 steps of 64
-N_SMALL = 64  # the cache-only tests: 512 teacher forwards per build
+N_SMALL = 32  # the cache-only tests: 256 teacher forwards per build
 
 
 def make_teacher_run(path: Path, seed: int = 0, model: str = "cnn-small") -> Path:
