@@ -110,19 +110,18 @@ class CQKDModule(L.LightningModule):
 
     # ---------------------------------------------------------------- training
     def on_fit_start(self) -> None:
-        if self.teacher is not None:
-            if self.source is None:
-                raise CqkdError("a CQKDModule with a teacher needs train_data to train")
+        if self.source is not None:
             self.source.prepare(self.teacher_forward, self.device, self.global_rank, self.trainer.world_size,
                                 self.trainer.strategy.barrier, progress=self.trainer.progress_bar_callback is not None)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y, idx = batch
         g = step_generator(self.cfg.seed, self.global_step, self.global_rank)
-        if self.teacher is None:  # supervised: a fresh random view of each image
-            x_hr, z_t = self.to_float(apply_views(x, self.views.sample(len(y), g))), None
-        else:  # CQKD: a view from the image's bank and the teacher's logits on it
+        if self.source is not None:  # CQKD: a view from the image's bank and the teacher's logits on it
             x_hr, z_t = self.source(x, idx, g)
+        else:  # a fresh random view of each image (supervised, or a teacher without a view bank)
+            x_hr = self.to_float(apply_views(x, self.views.sample(len(y), g)))
+            z_t = self.teacher_forward(x_hr) if self.teacher is not None else None
         z_s = self.student_forward(x_hr, g)
         if z_t is None:
             terms = supervised_loss(z_s, y)
