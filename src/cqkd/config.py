@@ -46,7 +46,8 @@ class RunConfig:
     temperature: float | str = 4.0  # a number, or "calibrated" (= the teacher's T_cal)
     alpha: float = 0.5
     teacher_calibration: str = "none"
-    teacher_cache: str = "off"
+    teacher_cache: str = "auto"  # "auto": reuse stored teacher outputs where exact; "off": always run it
+    views_per_image: int | str = 8  # distillation's per-image view bank: k views, or "all"
     # evaluation
     ece_bins: int = 15
     # hardware
@@ -85,7 +86,7 @@ class RunConfig:
     def digest(self) -> str:
         """A short hash of the settings that determine the result (not hardware/loader knobs)."""
         ignore = {"accelerator", "devices", "num_workers", "data_dir", "num_nodes", "strategy",
-                  "checkpoint_every_n_steps"}
+                  "checkpoint_every_n_steps", "teacher_cache"}
         payload = {k: v for k, v in self.to_dict().items() if k not in ignore}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -123,6 +124,10 @@ class RunConfig:
             raise bad("teacher_calibration", f"must be one of {', '.join(TEACHER_CALIBRATION)}")
         if self.teacher_cache not in ("off", "auto"):
             raise bad("teacher_cache", "must be 'off' or 'auto'")
+        if isinstance(self.views_per_image, str) and self.views_per_image.strip().isdigit():
+            self.views_per_image = int(self.views_per_image)
+        if self.views_per_image != "all" and not (isinstance(self.views_per_image, int) and self.views_per_image >= 1):
+            raise bad("views_per_image", "must be a positive integer or 'all'")
         if self.ece_bins < 1:
             raise bad("ece_bins", "must be at least 1")
         self.precision = str(self.precision)

@@ -2,12 +2,15 @@
 
 One training step, top to bottom (see ``CQKDModule.training_step``)::
 
-    x, y        = batch                                  uint8 full-resolution images
-    x_hr        = apply_views(x, sampled view params)    the augmented view (same for both)
+    x, y, idx   = batch                                  uint8 full-resolution images, dataset indices
+    x_hr, z_t   = source(x, idx, g)                      a bank view of each image and the teacher's
+                                                         logits on it (network or cache, same values)
     x_lr        = degrade(x_hr)                          the student's view of that crop
     z_s         = student(normalise(x_lr))
-    z_t         = teacher(normalise(x_hr))               frozen, eval mode, no grad
     loss        = (1-α)·CE(z_s, y) + α·T²·KL(softmax(z_t/(T_cal·T)) ‖ softmax(z_s/T))
+
+Supervised runs draw a fresh random view of each image instead (``ViewSpec.sample``) and have no
+``z_t``; see ``cqkd.teacher_source`` for the view bank and the teacher cache.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import nn
 
 from cqkd import __version__
 from cqkd.config import RunConfig
-from cqkd.data import DatasetInfo, Splits, load_dataset, make_loader
+from cqkd.data import DatasetInfo, ImageData, Splits, load_dataset, make_loader
 from cqkd.errors import CqkdError
 from cqkd.losses import distillation_loss, supervised_loss
 from cqkd.metrics import all_metrics, mean_kl
@@ -33,6 +36,7 @@ from cqkd.models import build_model, count_flops, count_params
 from cqkd.quality import upsample_to
 from cqkd.runs import RunDir, atomic_write, save_tensors, write_json
 from cqkd.teacher import Teacher, load_teacher
+from cqkd.teacher_source import TeacherSource, make_teacher_source
 from cqkd.views import ViewSpec, apply_views, step_generator
 
 
@@ -52,10 +56,13 @@ class CQKDModule(L.LightningModule):
     """Trains ``model`` on degraded views; with a ``teacher``, by cross-quality distillation.
 
     The teacher is a frozen submodule: always in eval mode, never optimised, and left out of
-    the checkpoints (it is reloaded from its own run directory).
+    the checkpoints (it is reloaded from its own run directory). To train (rather than only
+    test) with a teacher, pass the training split as ``train_data``: its views and the teacher's
+    outputs on them come from a ``TeacherSource``.
     """
 
-    def __init__(self, model: nn.Module, cfg: RunConfig, info: DatasetInfo, teacher: Teacher | None = None) -> None:
+    def __init__(self, model: nn.Module, cfg: RunConfig, info: DatasetInfo, teacher: Teacher | None = None,
+                 train_data: ImageData | None = None) -> None:
         super().__init__()
         self.model = model
         self.cfg = cfg
@@ -70,6 +77,9 @@ class CQKDModule(L.LightningModule):
             self.teacher_temperature = teacher.temperature
             self.temperature = teacher.t_cal if cfg.temperature == "calibrated" else float(cfg.temperature)
             self.teacher.eval().requires_grad_(False)
+        self.source: TeacherSource | None = None
+        if teacher is not None and train_data is not None:
+            self.source = make_teacher_source(cfg, teacher, train_data, info.num_classes)
         self.strict_loading = False  # checkpoints hold the student only
         self.val_top1 = torchmetrics.MeanMetric()
         self.val_nll = torchmetrics.MeanMetric()
@@ -99,15 +109,23 @@ class CQKDModule(L.LightningModule):
         return self.teacher(self.teacher_normalize(x)).float()
 
     # ---------------------------------------------------------------- training
+    def on_fit_start(self) -> None:
+        if self.source is not None:
+            self.source.prepare(self.teacher_forward, self.device, self.global_rank, self.trainer.world_size,
+                                self.trainer.strategy.barrier, progress=self.trainer.progress_bar_callback is not None)
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y, _ = batch
+        x, y, idx = batch
         g = step_generator(self.cfg.seed, self.global_step, self.global_rank)
-        x_hr = self.to_float(apply_views(x, self.views.sample(len(y), g)))
+        if self.source is not None:  # CQKD: a view from the image's bank and the teacher's logits on it
+            x_hr, z_t = self.source(x, idx, g)
+        else:  # a fresh random view of each image (supervised, or a teacher without a view bank)
+            x_hr = self.to_float(apply_views(x, self.views.sample(len(y), g)))
+            z_t = self.teacher_forward(x_hr) if self.teacher is not None else None
         z_s = self.student_forward(x_hr, g)
-        if self.teacher is None:
+        if z_t is None:
             terms = supervised_loss(z_s, y)
         else:
-            z_t = self.teacher_forward(x_hr)
             terms = distillation_loss(z_s, z_t, y, self.temperature, self.cfg.alpha, self.teacher_temperature)
         if not torch.isfinite(terms["loss"]):
             raise FloatingPointError(f"the loss became {terms['loss'].item()} at step {self.global_step}")
@@ -266,7 +284,7 @@ def fit_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, progres
             L.seed_everything(cfg.seed, workers=True, verbose=False)
             model = build_model(cfg.model, splits.info.num_classes, splits.info.channels,
                                 cfg.degradation_spec().output_size(splits.info.image_size))  # seeded init
-            module = CQKDModule(model, cfg, splits.info, teacher)
+            module = CQKDModule(model, cfg, splits.info, teacher, train_data=splits.train)
             train_loader = make_loader(splits.train, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
                                        drop_last=len(splits.train) > cfg.batch_size, seed=cfg.seed)
             guard.train_generator = shuffle_generator(train_loader)
@@ -339,6 +357,8 @@ def collect_metrics(module: CQKDModule, cfg: RunConfig, info: DatasetInfo, teach
             teacher_lr_metrics=_summary(all_metrics(res["teacher_lr_logits"], res["labels"], cfg.ece_bins)),
             kl_teacher_student=mean_kl(res["teacher_logits"], res["logits"]),
         )
+        if module.source is not None:
+            metrics.update(module.source.describe())
     return metrics
 
 

@@ -111,3 +111,66 @@ def step_generator(seed: int, step: int, rank: int = 0, stream: int = 0) -> torc
     g = torch.Generator()
     g.manual_seed((seed * 1_000_003 + step * 7919 + rank * 104_729 + stream * 15_485_863) % (2**63 - 1))
     return g
+
+
+ALL_VIEWS = "all"
+
+
+class ViewBank:
+    """A fixed set of ``k`` views per image, drawn once from a seed.
+
+    Distillation draws each training view from the bank: at every step, for the sample with
+    dataset index ``i``, an integer ``j`` in ``[0, k)`` comes from the step generator and the
+    view is ``bank.params(i, j)``. Because the bank is a pure function of (spec, number of
+    images, k, seed), the teacher's output for every view a run can ever ask for is known in
+    advance, and can be computed once and cached (``cqkd.cache``).
+
+    With ``k >= spec.num_views`` (or ``k="all"``) every image gets every view, stored once as
+    ``spec.enumerate()``, and drawing ``j`` uniformly gives exactly the distribution of
+    ``ViewSpec.sample``. With a smaller ``k``, each image gets ``k`` *distinct* views chosen
+    uniformly at random without replacement.
+    """
+
+    def __init__(self, spec: ViewSpec, num_images: int, k: int | str = 8, seed: int = 0) -> None:
+        if num_images < 1:
+            raise CqkdError(f"a view bank needs at least one image, got {num_images}")
+        self.spec = spec
+        self.num_images = num_images
+        self.seed = seed
+        self.views = spec.enumerate()  # (V, 3)
+        v = len(self.views)
+        if k == ALL_VIEWS:
+            k = v
+        if not isinstance(k, int) or k < 1:
+            raise CqkdError(f"views per image must be a positive integer or 'all', got {k!r}")
+        self.k = min(k, v)
+        self.table: torch.Tensor | None = None  # (N, k, 3) int16, None when every image has every view
+        if self.k < v:
+            self.table = self._draw(num_images, self.k, seed)
+
+    def _draw(self, n: int, k: int, seed: int, chunk: int = 65536) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        v = len(self.views)
+        out = torch.empty(n, k, 3, dtype=torch.int16)
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            choice = torch.rand(stop - start, v, generator=g).argsort(dim=1)[:, :k]
+            out[start:stop] = self.views[choice].to(torch.int16)
+        return out
+
+    def all_params(self) -> torch.Tensor:
+        """Every image's views as an int64 tensor (N, k, 3)."""
+        if self.table is None:
+            return self.views.unsqueeze(0).expand(self.num_images, -1, -1)
+        return self.table.long()
+
+    def draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Which of its ``k`` views each of ``n`` samples gets: int64 (n,) on CPU."""
+        return torch.randint(0, self.k, (n,), generator=generator)
+
+    def params(self, index: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        """(flip, dx, dy) of view ``which[i]`` of image ``index[i]``: int64 (n, 3) on CPU."""
+        index, which = index.cpu(), which.cpu()
+        if self.table is None:
+            return self.views[which]
+        return self.table[index, which].long()

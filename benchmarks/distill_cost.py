@@ -1,0 +1,183 @@
+"""What does distillation cost per training epoch, compared with supervised student training?
+
+Teacher ``cnn-large`` at 28 px; student ``cnn-small`` at 7 and 14 px. For each student size,
+one training epoch (Lightning, exactly as ``cqkd train`` / ``cqkd distill`` run it: the same
+``CQKDModule``, ``make_trainer`` and loaders, no validation) of
+
+    (a) supervised student training,
+    (b) distillation with the teacher run online at every step (``--teacher-cache off``),
+    (c) distillation reading the teacher's outputs from the cache (``--teacher-cache auto``),
+
+plus the one-off cache build, and the data path alone (loader fetch; loader + views +
+degradation) to show whether data loading limits a step. The modes are interleaved and
+repeated; each ratio is the median over repetitions of the ratio of two epochs run back to back,
+so that a busy machine slows them alike.
+
+The teacher has random weights (timing does not depend on the weights). Usage::
+
+    PYTHONPATH=src python benchmarks/distill_cost.py [--dataset fashion-mnist] [--train-samples 4000] [--threads N]
+
+The last four lines are the ratios ``online/supervised`` and ``cached/supervised`` at 7 and 14 px.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("CQKD_QUIET_LIGHTNING", "1")
+warnings.filterwarnings("ignore")
+
+from cqkd.config import RunConfig  # noqa: E402
+from cqkd.data import DEBIAN_FASHION_MNIST, load_dataset, make_loader  # noqa: E402
+from cqkd.models import build_model  # noqa: E402
+from cqkd.runs import RunDir  # noqa: E402
+from cqkd.teacher import load_teacher  # noqa: E402
+from cqkd.training import CQKDModule, make_trainer  # noqa: E402
+from cqkd.views import ViewSpec, apply_views, step_generator  # noqa: E402
+
+import lightning as L  # noqa: E402
+
+
+def default_dataset() -> str:
+    return "fashion-mnist" if (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").exists() else "synthetic"
+
+
+def make_teacher(path: Path, dataset: str, channels: int, classes: int) -> None:
+    from safetensors.torch import save_file
+
+    cfg = RunConfig.from_dict({"kind": "train", "dataset": dataset, "model": "cnn-large", "size": 28})
+    run = RunDir(path)
+    run.prepare(cfg, force=True)
+    torch.manual_seed(0)
+    net = build_model("cnn-large", classes, channels, 28)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(run.weights_file))
+    run.metrics_file.write_text("{}")
+    run.set_state("finished")
+
+
+class EpochTimer(L.Callback):
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def one_epoch(cfg: RunConfig, splits, teacher) -> tuple[float, dict]:
+    """Time one training epoch of ``cfg`` through Lightning (as fit_run does, minus val/test)."""
+    L.seed_everything(cfg.seed, verbose=False)
+    model = build_model(cfg.model, splits.info.num_classes, splits.info.channels,
+                        cfg.degradation_spec().output_size(splits.info.image_size))
+    module = CQKDModule(model, cfg, splits.info, teacher, train_data=splits.train if teacher else None)
+    timer = EpochTimer()
+    trainer = make_trainer(cfg, None, progress=False, callbacks=[timer], limit_val_batches=0,
+                           enable_checkpointing=False, logger=False)
+    loader = make_loader(splits.train, cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed)
+    trainer.fit(module, loader)
+    return timer.seconds, (module.source.describe() if module.source is not None else {})
+
+
+def data_path_epoch(cfg: RunConfig, splits) -> tuple[float, float]:
+    """Seconds per epoch to (1) fetch the batches, (2) fetch + views + degradation."""
+    loader = make_loader(splits.train, cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed)
+    start = time.perf_counter()
+    for _ in loader:
+        pass
+    fetch = time.perf_counter() - start
+    views, degrade = ViewSpec.parse(cfg.augment), cfg.degradation_spec()
+    start = time.perf_counter()
+    for step, (x, y, idx) in enumerate(loader):
+        g = step_generator(cfg.seed, step)
+        degrade(apply_views(x, views.sample(len(y), g)).float().div_(255), g)
+    return fetch, time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default=default_dataset())
+    p.add_argument("--train-samples", type=int, default=4000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--views-per-image", default="8")
+    p.add_argument("--sizes", default="7,14")
+    p.add_argument("--reps", type=int, default=7, help="epochs timed per mode (median reported)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    splits = load_dataset(args.dataset, train_samples=args.train_samples)
+    info = splits.info
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; dataset {args.dataset}, {len(splits.train)} training images, "
+          f"batch {args.batch_size}")
+    tmp = Path(tempfile.mkdtemp(prefix="cqkd-bench-"))
+    make_teacher(tmp / "teacher", args.dataset, info.channels, info.num_classes)
+    teacher = load_teacher(str(tmp / "teacher"), info)
+
+    def cfg(kind: str, size: int, cache: str = "auto") -> RunConfig:
+        raw = dict(kind=kind, dataset=args.dataset, train_samples=args.train_samples, model="cnn-small", size=size,
+                   epochs=1, batch_size=args.batch_size, schedule="onecycle", accelerator="cpu",
+                   views_per_image=args.views_per_image)
+        if kind == "distill":
+            raw.update(teacher=str(tmp / "teacher"), teacher_cache=cache, temperature=4.0, alpha=0.5)
+        return RunConfig.from_dict(raw)
+
+    # the one-off cache build (the student size does not enter the cache key)
+    start = time.perf_counter()
+    _, described = one_epoch(cfg("distill", sizes[0], "auto"), splits, teacher)
+    build_s = described["teacher_cache_build_s"]
+    print(f"cache build: {build_s:.1f} s for {len(splits.train)} images x {described['views_per_image']} views "
+          f"({described.get('teacher_cache_dir')}); first cached run incl. build {time.perf_counter() - start:.1f} s")
+    assert described["teacher_source"] == "cache", described
+
+    modes = {"supervised": lambda s: (cfg("train", s), None),
+             "online": lambda s: (cfg("distill", s, "off"), teacher),
+             "cached": lambda s: (cfg("distill", s, "auto"), teacher)}
+    times: dict[tuple[str, int], list[float]] = {}
+    for rep in range(args.reps):
+        for size in sizes:
+            order = list(modes) if rep % 2 == 0 else list(reversed(modes))  # no mode always runs first
+            for mode in order:
+                c, t = modes[mode](size)
+                seconds, d = one_epoch(c, splits, t)
+                if mode != "supervised":
+                    assert d["teacher_source"] == ("cache" if mode == "cached" else "online"), d
+                times.setdefault((mode, size), []).append(seconds)
+    data = {size: data_path_epoch(cfg("train", size), splits) for size in sizes}
+
+    steps = len(splits.train) // args.batch_size
+    print(f"\n{args.reps} epochs of {steps} steps per mode; seconds per epoch (median, then each epoch):")
+    print(f"{'size':>5} {'mode':>11} {'epoch s':>9} {'ms/step':>8}   all epochs")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for size in sizes:
+        for mode in modes:
+            v = times[(mode, size)]
+            print(f"{size:>5} {mode:>11} {med[(mode, size)]:>9.2f} {1000 * med[(mode, size)] / steps:>8.1f}   "
+                  + " ".join(f"{x:.2f}" for x in v))
+        fetch, prep = data[size]
+        print(f"{size:>5} {'data path':>11}  fetch {fetch:.3f} s, fetch+views+degrade {prep:.3f} s per epoch "
+              f"= {100 * prep / med[('supervised', size)]:.0f}% of a supervised epoch")
+    print(f"cache build (one-off): {build_s:.1f} s = {build_s / med[('online', sizes[0])]:.1f} online epochs at "
+          f"{sizes[0]} px")
+    # each ratio: the median over repetitions of the ratio of epochs run back to back, so that the
+    # machine's load, which drifts over seconds, cancels as far as it can
+    def ratio(mode: str, size: int) -> float:
+        pairs = zip(times[(mode, size)], times[("supervised", size)])
+        return statistics.median(a / b for a, b in pairs)
+
+    for size in sizes:
+        print(f"online/supervised at {size} px: {ratio('online', size):.2f}")
+        print(f"cached/supervised at {size} px: {ratio('cached', size):.2f}")
+
+
+if __name__ == "__main__":
+    main()
