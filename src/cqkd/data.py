@@ -1,8 +1,14 @@
 """Datasets by name, their splits, and the loaders that feed whole batches.
 
-In-memory datasets (Fashion-MNIST, synthetic) are held as one uint8 tensor (N, C, H, W) per
-split. Loaders yield ``(images_uint8, labels, indices)``; augmentation and degradation run
-later, on the batch and on the training device (see ``cqkd.views`` and ``cqkd.quality``).
+In-memory datasets (Fashion-MNIST, CIFAR, synthetic) are held as one uint8 tensor
+(N, C, H, W) per split. Loaders yield ``(images_uint8, labels, indices)``; augmentation and
+degradation run later, on the batch and on the training device (see ``cqkd.views`` and
+``cqkd.quality``).
+
+A split is anything with ``labels`` (int64, N), ``__len__``, ``subset(index)`` and
+``loader(batch_size, shuffle, ...)`` that builds its own DataLoader: ``ImageData`` (in memory)
+here, ``FolderSplit`` (decoded from files in DataLoader workers) in ``cqkd.data_folder``.
+Datasets whose loader already augments (``DatasetInfo.loader_augments``) get no batch views.
 
 Splits: ``train`` (what the model learns from), ``val`` (held out of the official training
 set with a fixed seed; checkpoint selection and calibration), ``test`` (the official test set;
@@ -36,6 +42,7 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...] = ()
+    loader_augments: bool = False  # the training loader already draws the views (imagefolder)
 
 
 @dataclass
@@ -51,11 +58,15 @@ class ImageData:
     def subset(self, index: torch.Tensor) -> "ImageData":
         return ImageData(self.images[index], self.labels[index])
 
+    def loader(self, batch_size: int, shuffle: bool, num_workers: int = 0, drop_last: bool = False,
+               seed: int = 0, pin_memory: bool = False) -> DataLoader:
+        return make_loader(self, batch_size, shuffle, num_workers, drop_last, seed, pin_memory)
+
 
 @dataclass
 class Splits:
     info: DatasetInfo
-    train: ImageData
+    train: ImageData  # or any split with the same interface (see the module docstring)
     val: ImageData
     test: ImageData
     source: str = ""
@@ -90,12 +101,14 @@ def _batch_passthrough(batch):
 
 
 def make_loader(data: ImageData, batch_size: int, shuffle: bool, num_workers: int = 0,
-                drop_last: bool = False, seed: int = 0) -> DataLoader:
+                drop_last: bool = False, seed: int = 0, pin_memory: bool = False) -> DataLoader:
+    if not isinstance(data, ImageData):  # a split that builds its own loader
+        return data.loader(batch_size, shuffle, num_workers, drop_last, seed, pin_memory)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         TensorSplit(data), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
         num_workers=num_workers, collate_fn=_batch_passthrough, generator=generator,
-        persistent_workers=num_workers > 0,
+        persistent_workers=num_workers > 0, pin_memory=pin_memory,
     )
 
 
@@ -112,20 +125,35 @@ def register_dataset(name: str) -> Callable[[Loader], Loader]:
     return wrap
 
 
+def _register_builtin() -> None:
+    """Import the modules that register datasets beyond the ones in this file."""
+    import cqkd.data_cifar  # noqa: F401
+    import cqkd.data_folder  # noqa: F401
+
+
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
-                 train_samples: int | None = None, val_size: int | None = None) -> Splits:
+                 train_samples: int | None = None, val_size: int | None = None,
+                 **options: object) -> Splits:
     """Load a dataset's train/val/test splits by name.
 
-    ``train_samples`` keeps a fixed class-balanced subset of the training split.
+    ``train_samples`` keeps a fixed class-balanced subset of the training split. ``options``
+    (e.g. ``crop_size``, ``skip_bad_images``, ``augment``) go to the datasets that take them
+    and are ignored by the others.
     """
+    _register_builtin()
     if name not in DATASETS:
         raise unknown_name("dataset", name, DATASETS)
     if data_dir is not None and not Path(data_dir).is_dir():
         raise CqkdError(f"--data-dir {str(data_dir)!r} does not exist or is not a directory")
-    kwargs = {"data_dir": data_dir}
+    import inspect
+
+    fn = DATASETS[name]
+    accepted = inspect.signature(fn).parameters
+    kwargs: dict[str, object] = {"data_dir": data_dir}
     if val_size is not None:
         kwargs["val_size"] = val_size
-    splits = DATASETS[name](**kwargs)
+    kwargs.update({k: v for k, v in options.items() if k in accepted})
+    splits = fn(**kwargs)
     if train_samples is not None:
         splits.train = splits.train.subset(balanced_subset(splits.train.labels, train_samples))
     return splits

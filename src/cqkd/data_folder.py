@@ -1,0 +1,242 @@
+"""ImageNet-style image folders, decoded in DataLoader workers.
+
+Layout (``--dataset imagefolder --data-dir DIR``)::
+
+    DIR/train/<class>/<image>     the official training images
+    DIR/val/<class>/<image>       the official validation images: cqkd's *test* split
+
+Classes are the sorted sub-directories of ``DIR/train``; image files are those with a known
+extension (``IMAGE_EXTENSIONS``, any case; other files and hidden files are ignored). cqkd's
+``val`` split (checkpoint selection and calibration) is held out of ``DIR/train`` with a fixed
+seed (``val_size`` images; by default 2% of train, at most 10,000).
+
+Each image is decoded once per epoch, in a DataLoader worker, to uint8 RGB (3, H, W) and
+cropped to ``crop_size`` (the teacher's input side length, 224 by default):
+
+* training: a random resized crop (scale 0.08-1, aspect ratio 3/4-4/3) to ``crop_size`` and a
+  random horizontal flip (``augment: none`` turns both off and uses the evaluation crop);
+* evaluation (val, test): resize the shorter side to ``round(crop_size * 256 / 224)`` (256 for
+  224) and take the central ``crop_size`` square.
+
+The loaders yield ``(uint8 (N, 3, S, S), labels, indices)`` like the in-memory ones; the
+degradation to the student's size then runs batch-wise on the training device, on the same
+crop the teacher sees. Because the loader has already drawn the views, the dataset's info has
+``loader_augments=True`` and the training module applies no further batch views.
+
+An unreadable file stops the run with an error naming it; with ``skip_bad_images`` it is
+logged, replaced by the next readable image of the split, and counted (``metrics.json``:
+``skipped_images``, ``skipped_files``).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cqkd.data import SPLIT_SEED, DatasetInfo, Splits, register_dataset
+from cqkd.errors import CqkdError
+
+log = logging.getLogger("cqkd.data")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RRC_SCALE = (0.08, 1.0)
+RRC_RATIO = (3 / 4, 4 / 3)
+MAX_REPLACEMENTS = 100  # consecutive unreadable files tolerated when skipping
+
+
+class BadImageError(CqkdError):
+    """An image file that cannot be decoded.
+
+    A DataLoader worker re-raises it in the main process with the worker's traceback as the
+    message; the constructor keeps only the original one-line message.
+    """
+
+    def __init__(self, message: str) -> None:
+        if "Original Traceback" in message:
+            last = [line for line in message.strip().splitlines() if line.strip()][-1]
+            message = last.split(": ", 1)[-1] if "Error: " in last else last
+        super().__init__(message)
+
+
+def eval_resize(crop_size: int) -> int:
+    """The shorter side before the evaluation centre crop: 256 for 224, proportional otherwise."""
+    return max(crop_size, round(crop_size * 256 / 224))
+
+
+def decode_rgb(path: str) -> torch.Tensor:
+    """Decode an image file to uint8 RGB (3, H, W): torchvision's decoders, PIL as fallback."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    try:
+        img = decode_image(read_file(path), mode=ImageReadMode.RGB)
+        if img.ndim == 3 and img.shape[0] == 3 and img.shape[1] > 0 and img.shape[2] > 0:
+            return img
+    except Exception:  # noqa: BLE001 - any decoder failure: try PIL before giving up
+        pass
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+        if arr.ndim != 3 or 0 in arr.shape:
+            raise ValueError("empty image")
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    except Exception as e:  # noqa: BLE001
+        raise BadImageError(f"cannot decode image file {path} ({type(e).__name__}: {e})") from None
+
+
+def train_view(img: torch.Tensor, crop_size: int) -> torch.Tensor:
+    """Random resized crop to ``crop_size`` and a random horizontal flip (global torch RNG,
+    seeded per worker by Lightning)."""
+    from torchvision.transforms import RandomResizedCrop
+    from torchvision.transforms.v2 import functional as TF
+
+    top, left, h, w = RandomResizedCrop.get_params(img, list(RRC_SCALE), list(RRC_RATIO))
+    out = TF.resized_crop(img, top, left, h, w, [crop_size, crop_size], antialias=True)
+    if torch.rand(()) < 0.5:
+        out = out.flip(-1)
+    return out.contiguous()
+
+
+def eval_view(img: torch.Tensor, crop_size: int) -> torch.Tensor:
+    """Resize the shorter side to ``eval_resize(crop_size)``, then the central square crop."""
+    from torchvision.transforms.v2 import functional as TF
+
+    out = TF.resize(img, [eval_resize(crop_size)], antialias=True)
+    return TF.center_crop(out, [crop_size, crop_size]).contiguous()
+
+
+class FolderSplit(Dataset):
+    """A split of an image folder: file paths and labels; decodes in ``__getitem__``.
+
+    Implements the split interface of ``cqkd.data`` (``labels``, ``len``, ``subset``,
+    ``loader``). ``augment`` selects the training view, else the evaluation view.
+    """
+
+    def __init__(self, name: str, paths: list[str], labels: torch.Tensor, crop_size: int,
+                 augment: bool, skip_bad: bool) -> None:
+        self.name = name
+        self.paths = paths
+        self.labels = labels
+        self.crop_size = crop_size
+        self.augment = augment
+        self.skip_bad = skip_bad
+        # one flag per file, shared with (forked or spawned) DataLoader workers
+        self._bad = multiprocessing.RawArray("b", max(len(paths), 1))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, index: torch.Tensor) -> "FolderSplit":
+        idx = index.tolist()
+        return FolderSplit(self.name, [self.paths[i] for i in idx], self.labels[index],
+                           self.crop_size, self.augment, self.skip_bad)
+
+    def __getitem__(self, i: int):
+        for k in range(MAX_REPLACEMENTS):
+            j = (i + k) % len(self.paths)
+            try:
+                img = decode_rgb(self.paths[j])
+            except BadImageError as e:
+                if not self.skip_bad:
+                    raise BadImageError(f"{e}; pass --skip-bad-images to skip unreadable files") from None
+                if not self._bad[j]:
+                    self._bad[j] = 1
+                    log.warning("skipping unreadable image: %s", e)
+                continue
+            view = train_view(img, self.crop_size) if self.augment else eval_view(img, self.crop_size)
+            return view, int(self.labels[j]), j
+        raise BadImageError(f"{MAX_REPLACEMENTS} consecutive unreadable images in the {self.name} split "
+                            f"from {self.paths[i]}; is --data-dir right?")
+
+    def loader(self, batch_size: int, shuffle: bool, num_workers: int = 0, drop_last: bool = False,
+               seed: int = 0, pin_memory: bool = False) -> DataLoader:
+        return DataLoader(
+            self, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
+            pin_memory=pin_memory, persistent_workers=num_workers > 0,
+            prefetch_factor=4 if num_workers > 0 else None, generator=torch.Generator().manual_seed(seed),
+        )
+
+    def skipped(self) -> list[str]:
+        """The files skipped so far as unreadable (by this process and its workers)."""
+        flags = np.frombuffer(self._bad, dtype=np.int8)[: len(self.paths)]
+        return [self.paths[j] for j in np.flatnonzero(flags).tolist()]
+
+
+def scan(root: Path, classes: tuple[str, ...] | None = None) -> tuple[list[str], torch.Tensor, tuple[str, ...]]:
+    """Image paths and labels under ``root/<class>/`` (sorted), and the classes."""
+    if not root.is_dir():
+        raise CqkdError(f"{root} does not exist or is not a directory (expected DIR/train/<class>/ and DIR/val/<class>/)")
+    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if classes is None:
+        classes = tuple(found)
+        if not classes:
+            raise CqkdError(f"{root} has no class sub-directories")
+    else:
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise CqkdError(f"{root} has class {unknown[0]!r} that is not in the training classes")
+    index = {c: k for k, c in enumerate(classes)}
+    paths: list[str] = []
+    labels: list[int] = []
+    for c in found:
+        files = sorted(e.path for e in os.scandir(root / c)
+                       if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS))
+        paths += files
+        labels += [index[c]] * len(files)
+    if not paths:
+        raise CqkdError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    return paths, torch.tensor(labels, dtype=torch.int64), classes
+
+
+def default_val_size(n: int) -> int:
+    return max(1, min(10_000, round(0.02 * n)))
+
+
+@register_dataset("imagefolder")
+def load_imagefolder(data_dir: str | os.PathLike | None = None, val_size: int | None = None,
+                     crop_size: int = 224, skip_bad_images: bool = False, augment: str = "flip") -> Splits:
+    """An ImageNet-style folder: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` (= test)."""
+    if data_dir is None:
+        raise CqkdError("--dataset imagefolder needs --data-dir DIR with DIR/train/<class>/ and DIR/val/<class>/")
+    if crop_size < 1:
+        raise CqkdError(f"crop_size must be at least 1, got {crop_size}")
+    d = Path(data_dir)
+    paths, labels, classes = scan(d / "train")
+    test_paths, test_labels, _ = scan(d / "val", classes)
+    n_val = default_val_size(len(paths)) if val_size is None else val_size
+    if not 0 < n_val < len(paths):
+        raise CqkdError(f"val_size must be between 1 and {len(paths) - 1} for {d / 'train'}, got {n_val}")
+    perm = torch.randperm(len(paths), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    val_idx, train_idx = torch.sort(perm[:n_val]).values, torch.sort(perm[n_val:]).values
+    augment_train = augment.strip() not in ("none", "off", "")
+    full = FolderSplit("train", paths, labels, crop_size, augment_train, skip_bad_images)
+    train = full.subset(train_idx)
+    val = FolderSplit("val", [paths[i] for i in val_idx.tolist()], labels[val_idx], crop_size, False, skip_bad_images)
+    test = FolderSplit("test", test_paths, test_labels, crop_size, False, skip_bad_images)
+    info = DatasetInfo("imagefolder", len(classes), 3, crop_size, IMAGENET_MEAN, IMAGENET_STD, classes,
+                       loader_augments=True)
+    views = f"random-resized-crop={crop_size},flip" if augment_train else f"resize={eval_resize(crop_size)},center-crop={crop_size}"
+    return Splits(info, train, val, test, source=str(d),
+                  extra={"train_views": views, "eval_views": f"resize={eval_resize(crop_size)},center-crop={crop_size}"})
+
+
+def skipped_files(splits: Splits) -> list[str]:
+    """Every file skipped as unreadable in any split, gathered over all processes of a
+    distributed run (a collective: call it on every rank)."""
+    local = sorted({p for s in (splits.train, splits.val, splits.test) for p in getattr(s, "skipped", list)()})
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[list[str] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        local = sorted({p for part in gathered for p in (part or [])})
+    return local
