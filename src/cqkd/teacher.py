@@ -1,4 +1,15 @@
-"""Loading a trained teacher from its run directory, frozen and ready for distillation."""
+"""Loading a teacher, frozen and ready for distillation, from one of three sources:
+
+* a cqkd run directory (``--teacher RUN_DIR``): architecture, input size and weights from the run;
+* a weights file (``--teacher FILE --teacher-model NAME``): a state dict saved by ``torch.save``
+  (``.pt``/``.pth``/``.bin``, read with ``weights_only=True``, never unpickling code) or a
+  ``.safetensors`` file; its input normalisation is the dataset's;
+* pretrained weights by name (``--teacher-model resnet50 --teacher-weights IMAGENET1K_V2``),
+  downloaded by torchvision or timm (see ``cqkd.pretrained``); normalised with the mean/std
+  the weights were trained with.
+
+Run-directory and file teachers see the dataset's input size (the crop for image folders).
+"""
 
 from __future__ import annotations
 
@@ -77,11 +88,83 @@ def _check_classes(weights: Path, model: nn.Module, path: str, info: DatasetInfo
                             f"{info.num_classes}; distil from a teacher trained on the same classes")
 
 
-def load_teacher(path: str, info: DatasetInfo) -> Teacher:
-    """Build the teacher of run directory ``path`` for dataset ``info``, frozen, in eval mode."""
+def _freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def read_state_dict(path: Path) -> dict[str, Any]:
+    """A state dict from ``.safetensors`` or a ``torch.save`` file (``weights_only=True``).
+
+    Accepts a bare state dict or one under ``state_dict``/``model`` (checkpoints), and strips
+    a ``module.``/``model.`` prefix shared by every key (DDP, Lightning).
+    """
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state: Any = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CqkdError(f"{path} is corrupt or not a safetensors file ({e})") from None
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - pickle errors, truncated zip, disallowed globals
+            msg = " ".join(str(e).split())[:200]
+            raise CqkdError(f"{path} is not a loadable weights file ({type(e).__name__}: {msg})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CqkdError(f"{path} does not hold a state dict of tensors")
+    for prefix in ("module.", "model."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def load_teacher_file(path: Path, model_name: str | None, info: DatasetInfo) -> Teacher:
+    """A teacher from a weights file; ``model_name`` gives the architecture."""
+    if not model_name:
+        raise CqkdError(f"--teacher {str(path)!r} is a weights file: name its architecture with --teacher-model")
+    model = build_model(model_name, info.num_classes, info.channels, info.image_size)
+    state = read_state_dict(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CqkdError(f"{path} does not fit model {model_name!r} for {info.name!r} "
+                        f"({info.num_classes} classes, {info.channels} channels): "
+                        f"{' '.join(' '.join(first[:3]).split())[:300]}") from None
+    return Teacher(_freeze(model), str(path), model_name, info.image_size, info.mean, info.std,
+                   digest=file_digest(path))
+
+
+def load_teacher(path: str | None, info: DatasetInfo, model_name: str | None = None,
+                 weights: str | None = None) -> Teacher:
+    """The frozen teacher, in eval mode, for dataset ``info``: from pretrained ``weights`` (of
+    ``model_name``), a weights file ``path`` (of ``model_name``) or a run directory ``path``."""
+    if weights:
+        from cqkd.pretrained import pretrained_model
+
+        if not model_name:
+            raise CqkdError("--teacher-weights needs --teacher-model (e.g. resnet50)")
+        pre = pretrained_model(model_name, weights, info.num_classes, info.channels)
+        return Teacher(_freeze(pre.model), pre.label, model_name, info.image_size, pre.mean, pre.std,
+                       digest=pre.label)
+    if path is None:
+        raise CqkdError("no teacher: pass --teacher RUN_DIR, --teacher FILE --teacher-model NAME, "
+                        "or --teacher-model NAME --teacher-weights WEIGHTS")
+    if Path(path).is_file():
+        return load_teacher_file(Path(path), model_name, info)
     run = RunDir(path)
     if not run.path.is_dir():
-        raise CqkdError(f"--teacher {path!r} is not a directory")
+        raise CqkdError(f"--teacher {path!r} is neither a run directory nor a weights file")
     cfg = run.config()
     weights = run.require_weights()
     if cfg.dataset != info.name:
