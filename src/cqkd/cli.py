@@ -33,8 +33,11 @@ def _add_run_options(p: argparse.ArgumentParser, distill: bool) -> None:
     S = argparse.SUPPRESS
     d = _default
     g = p.add_argument_group("data and views")
-    g.add_argument("--dataset", default=S, help=f"dataset name: fashion-mnist, synthetic, ... {_DEFAULTS_NOTE % d('dataset')}")
+    g.add_argument("--dataset", default=S, help=f"dataset name: fashion-mnist, cifar10, cifar100, imagefolder, synthetic {_DEFAULTS_NOTE % d('dataset')}")
     g.add_argument("--data-dir", default=S, help="a local copy of the dataset (else the system copy or a download)")
+    g.add_argument("--crop-size", type=int, default=S, metavar="S", help=f"imagefolder: side of the random-resized (train) and center (eval) crop = the teacher's input {_DEFAULTS_NOTE % d('crop_size')}")
+    g.add_argument("--val-size", type=int, default=S, metavar="N", help="images held out of train as the val split (default: the dataset's)")
+    g.add_argument("--skip-bad-images", action="store_true", default=S, help="imagefolder: log, skip and count unreadable image files (default: fail naming the file)")
     g.add_argument("--train-samples", type=int, default=S, metavar="N", help="train on a fixed class-balanced subset of N images")
     g.add_argument("--size", type=int, default=S, metavar="S", help=f"input side length in px; images are resized to SxS {_DEFAULTS_NOTE % d('size')}")
     g.add_argument("--resize-mode", default=S, choices=["bilinear", "bicubic", "area", "nearest"], help=f"resize interpolation {_DEFAULTS_NOTE % d('resize_mode')}")
@@ -52,7 +55,9 @@ def _add_run_options(p: argparse.ArgumentParser, distill: bool) -> None:
     g.add_argument("--ece-bins", type=int, default=S, help=f"equal-width bins for ECE {_DEFAULTS_NOTE % d('ece_bins')}")
     if distill:
         g = p.add_argument_group("distillation")
-        g.add_argument("--teacher", default=S, metavar="RUN_DIR", help="run directory of the trained teacher (required; with --resume it comes from the stored config)")
+        g.add_argument("--teacher", default=S, metavar="RUN_DIR|FILE", help="run directory of the trained teacher, or a weights file (.pt/.pth/.safetensors state dict) with --teacher-model (with --resume it comes from the stored config)")
+        g.add_argument("--teacher-model", default=S, metavar="NAME", help="the teacher's architecture for a weights file or --teacher-weights (resnet50, timm:NAME, ...)")
+        g.add_argument("--teacher-weights", default=S, metavar="NAME", help="pretrained teacher weights by name: a torchvision enum member (IMAGENET1K_V2, DEFAULT) or a timm tag (pretrained); downloaded where there is internet")
         g.add_argument("--temperature", default=S, metavar="T", help=f"distillation temperature T > 0, or 'calibrated' for the teacher's T_cal {_DEFAULTS_NOTE % d('temperature')}")
         g.add_argument("--alpha", type=float, default=S, help=f"weight of the soft (KL) term in [0, 1] {_DEFAULTS_NOTE % d('alpha')}")
         g.add_argument("--teacher-calibration", default=S, choices=["none", "temperature"], help="divide the teacher's logits by its T_cal (fitted on val) before T")
@@ -63,7 +68,7 @@ def _add_run_options(p: argparse.ArgumentParser, distill: bool) -> None:
     g.add_argument("--devices", default=S, help=f"number of devices or 'auto' {_DEFAULTS_NOTE % d('devices')}")
     g.add_argument("--strategy", default=S, help=f"auto, ddp, ... {_DEFAULTS_NOTE % d('strategy')}")
     g.add_argument("--num-nodes", type=int, default=S, help=f"{_DEFAULTS_NOTE % d('num_nodes')}")
-    g.add_argument("--precision", default=S, help=f"32, 16-mixed, bf16-mixed {_DEFAULTS_NOTE % d('precision')}")
+    g.add_argument("--precision", default=S, help=f"32, 16-mixed (CUDA), bf16-mixed {_DEFAULTS_NOTE % d('precision')}")
     g.add_argument("--num-workers", type=int, default=S, help=f"DataLoader workers {_DEFAULTS_NOTE % d('num_workers')}")
     g = p.add_argument_group("output")
     g.add_argument("--config", metavar="YAML", help="start from this configuration (a run's config.yaml works); options override it")

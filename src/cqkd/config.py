@@ -33,6 +33,10 @@ class RunConfig:
     resize_mode: str = "bilinear"
     degradation: str | None = None  # full degradation spec; overrides size/resize_mode when set
     augment: str = "flip,translate=2"
+    # image folders (ImageNet layout) and held-out splits
+    crop_size: int = 224  # imagefolder: side of the training/eval crop = the teacher's input size
+    val_size: int | None = None  # images held out of train as "val" (None: the dataset's default)
+    skip_bad_images: bool = False  # imagefolder: log, skip and count unreadable files
     # optimisation
     epochs: int = 10
     batch_size: int = 128
@@ -42,7 +46,9 @@ class RunConfig:
     schedule: str = "onecycle"
     seed: int = 0
     # distillation
-    teacher: str | None = None
+    teacher: str | None = None  # a cqkd run directory, or a weights file (.pt/.pth/.safetensors)
+    teacher_model: str | None = None  # the teacher's architecture, for a weights file or pretrained weights
+    teacher_weights: str | None = None  # pretrained weights by name, e.g. IMAGENET1K_V2 (torchvision), pretrained (timm)
     temperature: float | str = 4.0  # a number, or "calibrated" (= the teacher's T_cal)
     alpha: float = 0.5
     teacher_calibration: str = "none"
@@ -139,8 +145,17 @@ class RunConfig:
             raise bad("num_nodes", "must be >= 1")
         if self.checkpoint_every_n_steps < 0:
             raise bad("checkpoint_every_n_steps", "must be >= 0 (0 = checkpoint at epoch ends only)")
-        if self.kind == "distill" and not self.teacher:
-            raise bad("teacher", "a distillation run needs a teacher run directory")
+        if self.crop_size < 1:
+            raise bad("crop_size", "must be at least 1")
+        if self.val_size is not None and self.val_size < 1:
+            raise bad("val_size", "must be at least 1")
+        if self.kind == "distill" and not self.teacher and not self.teacher_weights:
+            raise bad("teacher", "a distillation run needs a teacher: a run directory, a weights file "
+                                 "(with teacher_model), or teacher_weights (with teacher_model)")
+        if self.teacher_weights and self.teacher:
+            raise bad("teacher_weights", "give either teacher (a run directory or file) or teacher_weights, not both")
+        if self.teacher_weights and not self.teacher_model:
+            raise bad("teacher_weights", "needs teacher_model (e.g. resnet50 or timm:resnet50)")
         if self.kind == "train" and self.temperature == "calibrated":
             raise bad("temperature", "'calibrated' needs a teacher")
         # parse the specs now so that a bad one fails before any work

@@ -68,7 +68,9 @@ class CQKDModule(L.LightningModule):
         self.cfg = cfg
         self.info = info
         self.degrade = cfg.degradation_spec()
-        self.views = ViewSpec.parse(cfg.augment)
+        # datasets whose loader draws the views (imagefolder: random resized crop + flip in the
+        # workers) get the identity here; the degradation still runs on the batch, on the device
+        self.views = ViewSpec(flip=False, translate=0) if info.loader_augments else ViewSpec.parse(cfg.augment)
         self.normalize = Normalize(info.mean, info.std)
         self.teacher_info = teacher
         self.teacher = teacher.model if teacher is not None else None
@@ -189,7 +191,9 @@ class CQKDModule(L.LightningModule):
 # ------------------------------------------------------------------------------ run driver
 
 def is_rank_zero() -> bool:
-    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+    """True in the process that owns the run directory (before and after the Trainer exists):
+    global rank 0 under torchrun/Lightning's launcher (RANK, LOCAL_RANK, NODE_RANK) and SLURM."""
+    return all(int(os.environ.get(v, 0) or 0) == 0 for v in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 def make_trainer(cfg: RunConfig, run_dir: Path | None, progress: bool = True,
@@ -228,18 +232,25 @@ def make_trainer(cfg: RunConfig, run_dir: Path | None, progress: bool = True,
 def prepare(cfg: RunConfig) -> tuple[Splits, nn.Module, Teacher | None]:
     """Load data, teacher and student for ``cfg``, checking everything a user can get wrong."""
     cfg.validate()
-    splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_samples)
+    splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_samples, cfg.val_size, crop_size=cfg.crop_size,
+                          skip_bad_images=cfg.skip_bad_images, augment=cfg.augment)
     info = splits.info
     degradation = cfg.degradation_spec()
     if degradation.size > info.image_size:
         raise CqkdError(f"--size {degradation.size} is larger than the {info.name} images ({info.image_size} px)")
     teacher = None
     if cfg.kind == "distill":
-        teacher = load_teacher(cfg.teacher, info)
+        teacher = load_teacher(cfg.teacher, info, cfg.teacher_model, cfg.teacher_weights)
+        if info.loader_augments and cfg.teacher_cache != "off":
+            raise CqkdError(f"--teacher-cache {cfg.teacher_cache}: {info.name} draws random crops in the loader, "
+                            "so teacher outputs cannot be reused; use --teacher-cache off")
         if degradation.size > teacher.input_size:
             raise CqkdError(f"--size {degradation.size} is larger than the teacher's input ({teacher.input_size} px)")
         if cfg.teacher_calibration == "temperature" or cfg.temperature == "calibrated":
             from cqkd.calibration import teacher_temperature
+
+            if not Path(cfg.teacher or "").is_dir():
+                raise CqkdError("teacher calibration needs a teacher run directory (--teacher RUN_DIR)")
 
             teacher.t_cal = teacher_temperature(cfg.teacher, fit_if_missing=True)
         if cfg.teacher_calibration == "temperature":
@@ -285,18 +296,22 @@ def fit_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, progres
             model = build_model(cfg.model, splits.info.num_classes, splits.info.channels,
                                 cfg.degradation_spec().output_size(splits.info.image_size))  # seeded init
             module = CQKDModule(model, cfg, splits.info, teacher, train_data=splits.train)
+            pin = _pin_memory(cfg)
+            eval_batch = 512 if not splits.info.loader_augments else max(cfg.batch_size, 64)
             train_loader = make_loader(splits.train, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
-                                       drop_last=len(splits.train) > cfg.batch_size, seed=cfg.seed)
+                                       drop_last=len(splits.train) > cfg.batch_size, seed=cfg.seed, pin_memory=pin)
             guard.train_generator = shuffle_generator(train_loader)
             trainer = make_trainer(cfg, run.path, progress, extra_callbacks=[guard],
                                    resume_step=checkpoint_step(ckpt_path) if ckpt_path else None)
-            val_loader = make_loader(splits.val, 512, shuffle=False, num_workers=cfg.num_workers)
+            val_loader = make_loader(splits.val, eval_batch, shuffle=False, num_workers=cfg.num_workers,
+                                     pin_memory=pin)
             trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
             if trainer.interrupted:
                 raise KeyboardInterrupt
-            trainer.test(module, make_loader(splits.test, 512, shuffle=False, num_workers=cfg.num_workers),
-                         ckpt_path="best", verbose=False)
+            trainer.test(module, make_loader(splits.test, eval_batch, shuffle=False, num_workers=cfg.num_workers,
+                                             pin_memory=pin), ckpt_path="best", verbose=False)
             metrics = collect_metrics(module, cfg, splits.info, teacher)
+            metrics.update(data_facts(cfg, splits), world_size=trainer.world_size, precision=str(cfg.precision))
             ckpt = trainer.checkpoint_callback
             metrics.update(best_val_top1=_float(ckpt.best_model_score), best_checkpoint=Path(ckpt.best_model_path).name,
                            train_samples_used=len(splits.train), time_s=round(time.time() - start, 1))
@@ -331,6 +346,22 @@ def fit_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, progres
 def _mark_failed(run: RunDir, reason: str, **info: Any) -> None:
     if is_rank_zero():
         run.set_state("failed", error=reason, **info)
+
+
+def _pin_memory(cfg: RunConfig) -> bool:
+    return cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+def data_facts(cfg: RunConfig, splits: Splits) -> dict[str, Any]:
+    """What the run's data looked like beyond the config (views drawn by the loader, skipped
+    unreadable files). A collective when images are skipped: call it on every rank."""
+    facts: dict[str, Any] = dict(splits.extra) if splits.extra else {}
+    if cfg.skip_bad_images:
+        from cqkd.data_folder import skipped_files
+
+        skipped = skipped_files(splits)
+        facts.update(skipped_images=len(skipped), skipped_files=skipped[:100])
+    return facts
 
 
 def _float(x: Any) -> float | None:
