@@ -311,7 +311,7 @@ def fit_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, progres
             trainer.test(module, make_loader(splits.test, eval_batch, shuffle=False, num_workers=cfg.num_workers,
                                              pin_memory=pin), ckpt_path="best", verbose=False)
             metrics = collect_metrics(module, cfg, splits.info, teacher)
-            metrics.update(data_facts(cfg, splits), world_size=trainer.world_size, precision=str(cfg.precision))
+            metrics.update(data_facts(cfg, splits), world_size=trainer.world_size, precision=str(trainer.precision))
             ckpt = trainer.checkpoint_callback
             metrics.update(best_val_top1=_float(ckpt.best_model_score), best_checkpoint=Path(ckpt.best_model_path).name,
                            train_samples_used=len(splits.train), time_s=round(time.time() - start, 1))
