@@ -8,7 +8,7 @@ online teacher, and peak GPU memory (torch.cuda.max_memory_allocated). Exits 0 w
 loss was finite.
 
     python benchmarks/gpu_check.py                      # 200 steps each, batch 256, bf16
-    python benchmarks/gpu_check.py --device cpu --steps 2 --batch-size 4 --warmup 1   # smoke test
+    python benchmarks/gpu_check.py --device cpu --steps 2 --batch-size 4   # smoke test (fp32, 1 warm-up step)
 
 Without CUDA (and without ``--device cpu``) it stops at once with exit code 2. Sized to take
 well under 4 minutes on an H100 (model build and cuDNN autotuning included).
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="online CQKD ResNet-50@224 -> ResNet-18@56 on one GPU, bf16")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--steps", type=int, default=200, help="timed steps per mode (after the warm-up)")
-    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per mode (default: 20 on CUDA, 1 on CPU)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--size", type=int, default=56, help="student input size")
     p.add_argument("--precision", default=None, choices=["bf16-mixed", "16-mixed", "32"],
@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*self.log.*")
     device = torch.device(args.device)
     precision = args.precision or ("bf16-mixed" if device.type == "cuda" else "32")
+    if args.warmup is None:
+        args.warmup = 20 if device.type == "cuda" else 1
     if device.type == "cpu" and precision == "16-mixed":
         precision = "32"
     if device.type == "cuda":

@@ -240,10 +240,10 @@ def prepare(cfg: RunConfig) -> tuple[Splits, nn.Module, Teacher | None]:
         raise CqkdError(f"--size {degradation.size} is larger than the {info.name} images ({info.image_size} px)")
     teacher = None
     if cfg.kind == "distill":
-        teacher = load_teacher(cfg.teacher, info, cfg.teacher_model, cfg.teacher_weights)
         if info.loader_augments and cfg.teacher_cache != "off":
             raise CqkdError(f"--teacher-cache {cfg.teacher_cache}: {info.name} draws random crops in the loader, "
                             "so teacher outputs cannot be reused; use --teacher-cache off")
+        teacher = load_teacher(cfg.teacher, info, cfg.teacher_model, cfg.teacher_weights)
         if degradation.size > teacher.input_size:
             raise CqkdError(f"--size {degradation.size} is larger than the teacher's input ({teacher.input_size} px)")
         if cfg.teacher_calibration == "temperature" or cfg.temperature == "calibrated":
