@@ -348,13 +348,29 @@ def test_gpu_check_smoke_on_cpu_and_fails_fast_without_cuda(tmp_path):
 
 
 def test_recipe_is_valid():
+    """Every run of the ImageNet recipe (sweep format: base, teachers, supervised, distill grids)
+    is a valid RunConfig with the paper's settings."""
+    import itertools
+
     import yaml
 
     recipe = yaml.safe_load((ROOT / "configs" / "imagenet-resnet50-to-resnet18.yaml").read_text())
-    base = RunConfig.from_dict({**recipe["base"], "teacher": "runs/teacher"})
-    assert (base.kind, base.alpha, base.epochs, base.crop_size) == ("distill", 0.5, 20, 224)
-    assert recipe["grid"]["size"] == [28, 56, 112] and recipe["grid"]["temperature"] == [10, 20]
-    for size in recipe["grid"]["size"]:
-        for t in recipe["grid"]["temperature"]:
-            base.replace(size=size, temperature=t)
-    RunConfig.from_dict(recipe["teacher"])
+    assert set(recipe) <= {"description", "base", "teachers", "supervised", "distill", "budget_minutes"}
+    base = recipe["base"]
+
+    def points(grid: dict) -> list[dict]:
+        keys = list(grid)
+        values = [v if isinstance(v, list) else [v] for v in grid.values()]
+        return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+    teacher = RunConfig.from_dict({**base, **recipe["teachers"]["resnet50"], "kind": "train"})
+    assert (teacher.model, teacher.size, teacher.crop_size) == ("resnet50", 224, 224)
+    sup = [RunConfig.from_dict({**base, **pt, "kind": "train"}) for pt in points(recipe["supervised"])]
+    assert sorted(c.size for c in sup) == [28, 56, 112]
+    distill = [RunConfig.from_dict({**base, **pt, "kind": "distill", "teacher": "runs/teacher"})
+               for pt in points(recipe["distill"])]
+    assert sorted((c.size, c.temperature) for c in distill) == [
+        (s, t) for s in (28, 56, 112) for t in (10.0, 20.0)]
+    for c in [teacher, *sup, *distill]:
+        assert (c.epochs, c.lr, c.optimizer, c.schedule, c.dataset) == (20, 1e-3, "adamw", "onecycle", "imagefolder")
+    assert all(c.alpha == 0.5 and c.model == "resnet18" for c in distill)
