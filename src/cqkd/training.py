@@ -251,7 +251,6 @@ def prepare(cfg: RunConfig) -> tuple[Splits, nn.Module, Teacher | None]:
 
             if not Path(cfg.teacher or "").is_dir():
                 raise CqkdError("teacher calibration needs a teacher run directory (--teacher RUN_DIR)")
-
             teacher.t_cal = teacher_temperature(cfg.teacher, fit_if_missing=True)
         if cfg.teacher_calibration == "temperature":
             teacher.temperature = teacher.t_cal
