@@ -302,6 +302,25 @@ def test_teacher_weights_without_internet_is_one_line(tmp_path):
     assert "--teacher FILE --teacher-model resnet50" in lines[0]
 
 
+def test_torchvision_pretrained_teacher_from_the_hub_cache(tmp_path, monkeypatch):
+    """Pretrained weights already in torch.hub's cache load offline, with the weights' mean/std."""
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.manual_seed(3)
+    state = torchvision.models.resnet18(num_classes=1000).state_dict()
+    torch.save(state, cache / weights.url.rsplit("/", 1)[-1])
+    info = DatasetInfo("imagefolder", 1000, 3, 160, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    teacher = load_teacher(None, info, "resnet18", "IMAGENET1K_V1")
+    assert teacher.path == "torchvision:resnet18.IMAGENET1K_V1"
+    assert teacher.mean == (0.485, 0.456, 0.406) and teacher.std == (0.229, 0.224, 0.225)
+    assert teacher.input_size == 160 and not teacher.model.training
+    assert torch.equal(teacher.model.state_dict()["fc.weight"], state["fc.weight"])
+
+
 def test_teacher_weights_checks(tmp_path):
     info = load_dataset("synthetic").info
     with pytest.raises(CqkdError, match="1000 classes but the dataset has 10"):
