@@ -164,7 +164,7 @@ def load_teacher(path: str | None, info: DatasetInfo, model_name: str | None = N
         return load_teacher_file(Path(path), model_name, info)
     run = RunDir(path)
     if not run.path.is_dir():
-        raise CqkdError(f"--teacher {path!r} is neither a run directory nor a weights file")
+        raise CqkdError(f"--teacher {path!r} is not a directory or a weights file")
     cfg = run.config()
     weights = run.require_weights()
     if cfg.dataset != info.name:
