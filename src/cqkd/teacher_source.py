@@ -126,6 +126,8 @@ def make_teacher_source(cfg: RunConfig, teacher: Teacher, train: ImageData, num_
         return TeacherSource(bank, mode, f"precision {precision} is not exact with a float32 cache; teacher online")
     if not isinstance(train, ImageData):
         return TeacherSource(bank, mode, "training split is not held in memory; teacher online")
+    if not Path(teacher.path).is_dir():  # a weights file or pretrained weights: no run directory
+        return TeacherSource(bank, mode, "the teacher is not a run directory (no place for a cache); teacher online")
     spec = cache_lib.CacheSpec(
         teacher_digest=teacher.digest, teacher_model=teacher.model_name, teacher_input_size=teacher.input_size,
         dataset=cfg.dataset, split="train", train_samples=cfg.train_samples,

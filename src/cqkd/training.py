@@ -80,7 +80,9 @@ class CQKDModule(L.LightningModule):
             self.temperature = teacher.t_cal if cfg.temperature == "calibrated" else float(cfg.temperature)
             self.teacher.eval().requires_grad_(False)
         self.source: TeacherSource | None = None
-        if teacher is not None and train_data is not None:
+        if teacher is not None and train_data is not None and not info.loader_augments:
+            # (a loader that draws random crops has no per-image views to bank or cache: the
+            # teacher runs online on each batch's crops, below)
             self.source = make_teacher_source(cfg, teacher, train_data, info.num_classes)
         self.strict_loading = False  # checkpoints hold the student only
         self.val_top1 = torchmetrics.MeanMetric()
@@ -240,9 +242,6 @@ def prepare(cfg: RunConfig) -> tuple[Splits, nn.Module, Teacher | None]:
         raise CqkdError(f"--size {degradation.size} is larger than the {info.name} images ({info.image_size} px)")
     teacher = None
     if cfg.kind == "distill":
-        if info.loader_augments and cfg.teacher_cache != "off":
-            raise CqkdError(f"--teacher-cache {cfg.teacher_cache}: {info.name} draws random crops in the loader, "
-                            "so teacher outputs cannot be reused; use --teacher-cache off")
         teacher = load_teacher(cfg.teacher, info, cfg.teacher_model, cfg.teacher_weights)
         if degradation.size > teacher.input_size:
             raise CqkdError(f"--size {degradation.size} is larger than the teacher's input ({teacher.input_size} px)")
@@ -389,6 +388,9 @@ def collect_metrics(module: CQKDModule, cfg: RunConfig, info: DatasetInfo, teach
         )
         if module.source is not None:
             metrics.update(module.source.describe())
+        elif info.loader_augments:
+            metrics.update(teacher_cache=cfg.teacher_cache, teacher_source="online",
+                           teacher_source_reason="the loader draws random crops: no per-image views to cache")
     return metrics
 
 
