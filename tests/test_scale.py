@@ -367,30 +367,23 @@ def test_gpu_check_smoke_on_cpu_and_fails_fast_without_cuda(tmp_path):
         assert r.returncode == 2 and "CUDA is not available" in r.stderr
 
 
-def test_recipe_is_valid():
-    """Every run of the ImageNet recipe (sweep format: base, teachers, supervised, distill grids)
-    is a valid RunConfig with the paper's settings."""
-    import itertools
-
+def test_recipe_is_valid(tmp_path):
+    """The ImageNet recipe plans, through the sweep engine, 1 teacher + 3 supervised + 6 CQKD
+    runs with the paper's settings."""
     import yaml
 
+    from cqkd.sweep import plan_sweep
+
     recipe = yaml.safe_load((ROOT / "configs" / "imagenet-resnet50-to-resnet18.yaml").read_text())
-    assert set(recipe) <= {"description", "base", "teachers", "supervised", "distill", "budget_minutes"}
-    base = recipe["base"]
-
-    def points(grid: dict) -> list[dict]:
-        keys = list(grid)
-        values = [v if isinstance(v, list) else [v] for v in grid.values()]
-        return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
-
-    teacher = RunConfig.from_dict({**base, **recipe["teachers"]["resnet50"], "kind": "train"})
-    assert (teacher.model, teacher.size, teacher.crop_size) == ("resnet50", 224, 224)
-    sup = [RunConfig.from_dict({**base, **pt, "kind": "train"}) for pt in points(recipe["supervised"])]
-    assert sorted(c.size for c in sup) == [28, 56, 112]
-    distill = [RunConfig.from_dict({**base, **pt, "kind": "distill", "teacher": "runs/teacher"})
-               for pt in points(recipe["distill"])]
-    assert sorted((c.size, c.temperature) for c in distill) == [
-        (s, t) for s in (28, 56, 112) for t in (10.0, 20.0)]
-    for c in [teacher, *sup, *distill]:
-        assert (c.epochs, c.lr, c.optimizer, c.schedule, c.dataset) == (20, 1e-3, "adamw", "onecycle", "imagefolder")
-    assert all(c.alpha == 0.5 and c.model == "resnet18" for c in distill)
+    plan = plan_sweep(recipe, tmp_path / "sweep")
+    by_group: dict[str, list[RunConfig]] = {}
+    for run in plan.runs:
+        by_group.setdefault(run.group, []).append(run.cfg)
+    (teacher,) = by_group["teachers"]
+    assert (teacher.model, teacher.size, teacher.crop_size, teacher.dataset) == ("resnet50", 224, 224, "imagefolder")
+    assert sorted(c.size for c in by_group["supervised"]) == [28, 56, 112]
+    distill = by_group["distill"]
+    assert sorted((c.size, c.temperature) for c in distill) == [(s, t) for s in (28, 56, 112) for t in (10.0, 20.0)]
+    for c in [teacher, *by_group["supervised"], *distill]:
+        assert (c.epochs, c.lr, c.optimizer, c.schedule) == (20, 1e-3, "adamw", "onecycle")
+    assert all(c.alpha == 0.5 and c.model == "resnet18" and c.kind == "distill" for c in distill)
