@@ -288,3 +288,26 @@ def test_teacher_without_checkpoint_is_refused(tiny_teacher, tmp_path, capsys):
     (broken / "model.safetensors").unlink()
     assert main(["distill", "--dataset", "synthetic", "--teacher", str(broken), "--out", str(tmp_path / "o")]) == 2
     assert "model.safetensors" in capsys.readouterr().err
+
+
+def test_teacher_test_outputs_are_shared_between_students(tiny_teacher, tmp_path):
+    """The second student of a teacher reuses the teacher's saved test logits, and its
+    teacher metrics equal those the first student computed with the network."""
+    from cqkd.training import fit_run
+
+    for f in (tiny_teacher / "eval").glob("*.pt") if (tiny_teacher / "eval").exists() else []:
+        f.unlink()
+    base = {**TINY, "kind": "distill", "teacher": str(tiny_teacher), "size": 7, "temperature": 2.0}
+    first = fit_run(RunConfig.from_dict(base), tmp_path / "a", progress=False)
+    memo = list((tiny_teacher / "eval").glob("test-*.pt"))
+    assert len(memo) == 1
+    second = fit_run(RunConfig.from_dict({**base, "seed": 1}), tmp_path / "b", progress=False)
+    assert second["teacher_metrics"] == first["teacher_metrics"]
+    assert second["teacher_lr_metrics"] == first["teacher_lr_metrics"]
+    a, b = torch.load(tmp_path / "a" / "test_logits.pt"), torch.load(tmp_path / "b" / "test_logits.pt")
+    assert torch.allclose(a["teacher_logits"], b["teacher_logits"], atol=1e-5)
+    # a damaged memo is ignored and rewritten, never trusted
+    memo[0].write_bytes(b"garbage")
+    third = fit_run(RunConfig.from_dict({**base, "seed": 2}), tmp_path / "c", progress=False)
+    assert third["teacher_metrics"] == first["teacher_metrics"]
+    assert torch.load(memo[0], weights_only=True)["teacher_logits"].shape == (1000, 10)

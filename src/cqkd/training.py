@@ -15,6 +15,7 @@ Supervised runs draw a fresh random view of each image instead (``ViewSpec.sampl
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -34,7 +35,7 @@ from cqkd.losses import distillation_loss, supervised_loss
 from cqkd.metrics import all_metrics, mean_kl
 from cqkd.models import build_model, count_flops, count_params
 from cqkd.quality import upsample_to
-from cqkd.runs import RunDir, atomic_write, save_tensors, write_json
+from cqkd.runs import RunDir, atomic_write, load_tensors, save_tensors, write_json
 from cqkd.teacher import Teacher, load_teacher
 from cqkd.teacher_source import TeacherSource, make_teacher_source
 from cqkd.views import ViewSpec, apply_views, step_generator
@@ -167,10 +168,51 @@ class CQKDModule(L.LightningModule):
         x_hr = self.to_float(x)
         x_lr = self.degrade(x_hr)
         out = {"idx": idx, "labels": y, "logits": self.model(self.normalize(x_lr)).float()}
-        if self.teacher is not None:
+        if self.teacher is not None and self.teacher_memo is not None:
+            rows = idx.cpu()
+            out["teacher_logits"] = self.teacher_memo["teacher_logits"][rows].to(self.device)
+            out["teacher_lr_logits"] = self.teacher_memo["teacher_lr_logits"][rows].to(self.device)
+        elif self.teacher is not None:
             out["teacher_logits"] = self.teacher_forward(x_hr)
             out["teacher_lr_logits"] = self.teacher_forward(upsample_to(x_lr, x_hr.shape[-1]))
         self._test_outputs.append({k: v.detach() for k, v in out.items()})
+
+    # ------------------------------------------------------- the teacher's test outputs, shared by students
+    teacher_memo: dict[str, torch.Tensor] | None = None
+
+    def teacher_memo_path(self) -> Path | None:
+        """Where the teacher's test logits (on the full-resolution view, and on this run's
+        degraded view upsampled) are kept for other students: they depend only on the teacher's
+        weights, the test split and the degradation. None where they cannot be reused."""
+        t = self.teacher_info
+        if t is None or not t.digest or not Path(t.path).is_dir() or self.degrade.noise > 0:
+            return None
+        key = f"{t.digest}-{self.info.name}-{self.degrade.spec()}-{self.cfg.precision}"
+        return Path(t.path) / "eval" / f"test-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+
+    def load_teacher_memo(self, num_test: int) -> None:
+        path = self.teacher_memo_path()
+        self.teacher_memo = None
+        if path is None or not path.exists():
+            return
+        try:
+            memo = load_tensors(path)
+        except CqkdError:
+            return  # damaged: recomputed and rewritten
+        if all(memo.get(k) is not None and len(memo[k]) == num_test for k in ("teacher_logits", "teacher_lr_logits")):
+            self.teacher_memo = memo
+
+    def save_teacher_memo(self) -> None:
+        path = self.teacher_memo_path()
+        res = self.test_results
+        if path is None or self.teacher_memo is not None or "teacher_logits" not in res:
+            return
+        if not torch.equal(res["idx"], torch.arange(len(res["idx"]))):
+            return  # not the whole split in order
+        try:
+            save_tensors(path, {"teacher_logits": res["teacher_logits"], "teacher_lr_logits": res["teacher_lr_logits"]})
+        except OSError:
+            pass  # a read-only teacher directory: nothing to share, nothing lost
 
     def on_test_epoch_start(self) -> None:
         self._test_outputs = []
@@ -306,6 +348,7 @@ def fit_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, progres
             trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
             if trainer.interrupted:
                 raise KeyboardInterrupt
+            module.load_teacher_memo(len(splits.test))  # the teacher's test outputs, if a sibling saved them
             trainer.test(module, make_loader(splits.test, eval_batch, shuffle=False, num_workers=cfg.num_workers,
                                              pin_memory=pin), ckpt_path="best", verbose=False)
             metrics = collect_metrics(module, cfg, splits.info, teacher)
@@ -317,6 +360,7 @@ def fit_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, progres
                 metrics["resumed_from"] = ckpt_path.name if ckpt_path else None
             if trainer.is_global_zero:
                 save_outputs(run, module, metrics)
+                module.save_teacher_memo()
                 for name in ("step.ckpt", "interrupted.ckpt"):  # only needed to resume; keep last and best
                     (run.checkpoint_dir / name).unlink(missing_ok=True)
             return metrics
