@@ -4,7 +4,6 @@ through pyplot, so importing cqkd never touches a display or matplotlib's global
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,19 +18,10 @@ def _save_atomic(fig, out: Path, dpi: int) -> None:
     """savefig to a temporary file in ``out``'s directory, then rename it into place."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from cqkd.runs import atomic_write
+
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=dpi), mode="wb")
 
 
 def reliability_diagram(entries: Sequence[Entry], out: str | os.PathLike, n_bins: int = 15,
