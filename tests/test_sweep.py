@@ -200,6 +200,11 @@ def test_correlations_and_verdicts_golden():
     assert verdict(-0.05, 0.01, 3, +1) == "does not hold"
     assert verdict(0.01, 0.01, 3, +1) == "inconclusive"
     assert verdict(0.05, math.nan, 1, +1).startswith("inconclusive")
+    # correlations: a consistent but tiny r is no relation, not the opposite effect
+    assert verdict(-0.03, 0.0, 3, +1, floor=0.3).startswith("does not hold (no relation")
+    assert verdict(-0.8, 0.1, 3, +1, floor=0.3) == "does not hold"
+    assert verdict(0.5, 0.1, 3, +1, floor=0.3) == "holds"
+    assert verdict(0.2, 0.1, 3, +1, floor=0.3) == "inconclusive"
 
 
 def _row(role, size, seed, top1, val, **kw):

@@ -15,7 +15,8 @@
 
 Verdict rule (stated in the report): *holds* when the mean has the paper's sign and
 |mean| > 2 × std over seeds; *does not hold* when it has the opposite sign and
-|mean| > 2 × std; *inconclusive* otherwise, or with fewer than 2 seeds. Nothing is selected
+|mean| > 2 × std; *inconclusive* otherwise, or with fewer than 2 seeds (a correlation must
+also exceed 0.3 in size; one whose mean + 2 std stays below 0.3 is "no relation"). Nothing is selected
 on the test split: settings are chosen by ``best_val_top1``.
 """
 
@@ -39,9 +40,11 @@ CONFIG_KEYS = tuple(f.name for f in fields(RunConfig))
 # config keys that never tell two settings apart (hardware, paths, loaders)
 _NOT_SETTING = {"data_dir", "accelerator", "devices", "strategy", "num_nodes", "precision", "num_workers",
                 "teacher_cache", "seed"}
+CORRELATION_FLOOR = 0.3
 RULE = ("*holds*: the effect has the paper's sign and |mean| > 2 × its std over seeds; "
         "*does not hold*: the opposite sign and |mean| > 2 × std; *inconclusive*: otherwise, "
-        "or fewer than 2 seeds.")
+        "or fewer than 2 seeds. A correlation must also have |mean| > 0.3 to count either way; "
+        "one with |mean| + 2 × std < 0.3 is reported as *does not hold (no relation)*.")
 
 
 # ------------------------------------------------------------------------------ rows
@@ -187,11 +190,15 @@ def spearman(x: list[float], y: list[float]) -> float:
     return pearson(_ranks(x), _ranks(y))
 
 
-def verdict(mean: float, std: float, n: int, expected_sign: int) -> str:
+def verdict(mean: float, std: float, n: int, expected_sign: int, floor: float = 0.0) -> str:
+    """The stated rule (``RULE``). ``floor`` is the smallest |effect| that counts as one (used for
+    correlations: a consistent r of 0.03 is no relation, not a relation of the opposite sign)."""
     if n < 2 or math.isnan(mean) or math.isnan(std):
         return "inconclusive (fewer than 2 seeds)" if n < 2 else "inconclusive"
-    if abs(mean) > 2 * std:
+    if abs(mean) > 2 * std and abs(mean) > floor:
         return "holds" if mean * expected_sign > 0 else "does not hold"
+    if floor and abs(mean) + 2 * std < floor:
+        return f"does not hold (no relation: abs(r) < {floor:g})"
     return "inconclusive"
 
 
@@ -327,7 +334,7 @@ def findings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             m, sd, n = mean_std(vals)
             if per_seed:
                 result.append(dict(finding=2, series=s.label, what=what, mean=m, std=sd, n=n,
-                                   verdict=verdict(m, sd, n, sign)))
+                                   verdict=verdict(m, sd, n, sign, floor=CORRELATION_FLOOR)))
         # finding 3: calibrated − uncalibrated teacher at matched fixed T
         cal = {(setting_of(r)[0], int(r["seed"])): r for r in s.rows
                if r.get("teacher_calibration") == "temperature" and r.get("temperature") != "calibrated"}
