@@ -60,7 +60,7 @@ def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None, epochs:
         m = RunDir(r.path).metrics()
         if method == "cqkd":
             method = f"cqkd T={m['temperature']:g}"
-        rows.append((m["size"], method, m["model"], m["top1"], m["ece"], m["nll"], m["entropy"], m["flops"]))
+        rows.append((m["size"], method, m["model"], m["top1"], m["ece"], m["nll"], m["entropy"], f"{m['flops'] / 1e6:.2f}M"))
     elapsed = time.time() - start
     headers = ("size", "method", "model", "top-1", "ECE", "NLL", "entropy", "FLOPs")
     print_rows("cqkd demo: test split", headers, rows)

@@ -48,7 +48,7 @@ def print_rows(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]
 
     table = Table(title=title)
     for h in headers:
-        table.add_column(h, justify="left" if h in ("method", "model", "run") else "right")
+        table.add_column(h, justify="left" if h in ("method", "model", "run") else "right", no_wrap=h in ("method", "model"))
     for row in rows:
         table.add_row(*(_fmt(c) for c in row))
     Console().print(table)
