@@ -80,10 +80,12 @@ def runs_table(root: str) -> None:
 
     rows = list_runs(root)
     table = Table(title=f"runs under {root}", show_header=True)
-    for name, justify in (("run", "left"), ("state", "left"), ("kind", "left"), ("model", "left"),
+    # the run name folds onto several lines in a narrow terminal; the short columns never wrap
+    table.add_column("run", overflow="fold", ratio=1)
+    for name, justify in (("state", "left"), ("kind", "left"), ("model", "left"),
                           ("size", "right"), ("top1", "right"), ("ece", "right")):
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
-    table.add_column("note", no_wrap=True, overflow="ellipsis", max_width=48)
+    table.add_column("note", overflow="fold", max_width=30)
     colours = {"finished": "green", "running": "yellow", "failed": "red"}
     for r in rows:
         state = f"[{colours.get(r['state'], 'white')}]{r['state']}[/]"
