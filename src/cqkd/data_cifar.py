@@ -93,6 +93,18 @@ def _names(meta: dict[str, object], key: str, n: int) -> tuple[str, ...]:
     return tuple(f"class-{i}" for i in range(n))
 
 
+def _load(name: str, d: Path, train_files: list[Path], test_file: str, meta_file: str, label_key: str,
+          names_key: str, num_classes: int, val_size: int) -> Splits:
+    """Both CIFARs: read the batches, hold out val with the fixed split seed, describe them."""
+    train = _images_labels([read_batch(f) for f in train_files], label_key, d)
+    test = _images_labels([read_batch(d / test_file)], label_key, d)
+    meta = read_batch(d / meta_file) if (d / meta_file).exists() else {}
+    mean, std = channel_stats(train.images)
+    train, val = hold_out(train, val_size)
+    info = DatasetInfo(name, num_classes, 3, 32, mean, std, _names(meta, names_key, num_classes))
+    return Splits(info, train, val, test, source=str(d))
+
+
 @register_dataset("cifar10")
 def load_cifar10(data_dir: str | os.PathLike | None = None, val_size: int = 5000) -> Splits:
     """CIFAR-10: 10 classes, 50,000 train + 10,000 test images of 32x32 RGB."""
@@ -100,23 +112,11 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, val_size: int = 5000
     train_files = sorted(d.glob("data_batch_*"))
     if not train_files:
         raise CqkdError(f"no data_batch_* files in {d}")
-    train = _images_labels([read_batch(f) for f in train_files], "labels", d)
-    test = _images_labels([read_batch(d / "test_batch")], "labels", d)
-    meta = read_batch(d / "batches.meta") if (d / "batches.meta").exists() else {}
-    mean, std = channel_stats(train.images)
-    train, val = hold_out(train, val_size)
-    info = DatasetInfo("cifar10", 10, 3, 32, mean, std, _names(meta, "label_names", 10))
-    return Splits(info, train, val, test, source=str(d))
+    return _load("cifar10", d, train_files, "test_batch", "batches.meta", "labels", "label_names", 10, val_size)
 
 
 @register_dataset("cifar100")
 def load_cifar100(data_dir: str | os.PathLike | None = None, val_size: int = 5000) -> Splits:
     """CIFAR-100: 100 (fine) classes, 50,000 train + 10,000 test images of 32x32 RGB."""
     d = _require_dir(data_dir, "cifar-100-python", "cifar100")
-    train = _images_labels([read_batch(d / "train")], "fine_labels", d)
-    test = _images_labels([read_batch(d / "test")], "fine_labels", d)
-    meta = read_batch(d / "meta") if (d / "meta").exists() else {}
-    mean, std = channel_stats(train.images)
-    train, val = hold_out(train, val_size)
-    info = DatasetInfo("cifar100", 100, 3, 32, mean, std, _names(meta, "fine_label_names", 100))
-    return Splits(info, train, val, test, source=str(d))
+    return _load("cifar100", d, [d / "train"], "test", "meta", "fine_labels", "fine_label_names", 100, val_size)
