@@ -202,6 +202,22 @@ def test_cifar10_from_disk(tmp_path):
         load_dataset("cifar100", root)
 
 
+def test_cifar100_from_disk(tmp_path):
+    d = tmp_path / "cifar-100-python"
+    d.mkdir()
+    rng = np.random.default_rng(1)
+    for name, n in (("train", 30), ("test", 12)):
+        with open(d / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         b"fine_labels": [i % 100 for i in range(n)]}, f, protocol=2)
+    with open(d / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [f"f{i}".encode() for i in range(100)]}, f, protocol=2)
+    splits = load_dataset("cifar100", tmp_path, val_size=5)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (25, 5, 12)
+    assert splits.info.num_classes == 100 and splits.info.classes[42] == "f42"
+    assert splits.test.labels.tolist() == list(range(12))
+
+
 # ------------------------------------------------------------------------------ models and teachers
 
 IMAGENET = DatasetInfo("imagefolder", 1000, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
