@@ -46,7 +46,8 @@ import numpy as np
 import torch
 
 from cqkd.errors import CqkdError
-from cqkd.views import ViewBank, apply_views
+from cqkd.runs import file_sha256
+from cqkd.views import ViewBank, apply_views, to_float
 
 FORMAT = "cqkd-teacher-cache"
 VERSION = 1
@@ -97,14 +98,6 @@ def tensor_digest(x: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _header_checksum(header: dict) -> str:
     body = {k: v for k, v in header.items() if k != "header_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
@@ -144,7 +137,7 @@ class TeacherCache:
             size = f.stat().st_size if f.is_file() else -1
             if size != expected or header.get("bytes", {}).get(name) != expected:
                 raise CacheInvalid(f"{name} has {size} bytes, expected {expected} (truncated?)")
-            if _file_sha256(f) != header.get("sha256", {}).get(name):
+            if file_sha256(f) != header.get("sha256", {}).get(name):
                 raise CacheInvalid(f"{name} checksum mismatch (corrupt)")
         views = np.fromfile(path / VIEWS_FILE, dtype="<i2").reshape(spec.num_images, spec.k, 3)
         if not torch.equal(torch.from_numpy(views.astype(np.int64)), bank.all_params()):
@@ -178,8 +171,7 @@ def build(root: Path, spec: CacheSpec, bank: ViewBank, images: torch.Tensor,
             for start in range(0, spec.num_images, per_batch):
                 stop = min(spec.num_images, start + per_batch)
                 x = images[start:stop].to(device).repeat_interleave(k, dim=0)
-                x = apply_views(x, params[start:stop].reshape(-1, 3))
-                x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+                x = to_float(apply_views(x, params[start:stop].reshape(-1, 3)))
                 z = forward(x).float()
                 if z.shape != (len(x), spec.num_classes):
                     raise CqkdError(f"the teacher returned logits of shape {tuple(z.shape)}, "
@@ -195,7 +187,7 @@ def build(root: Path, spec: CacheSpec, bank: ViewBank, images: torch.Tensor,
             "logits": {"file": LOGITS_FILE, "dtype": "float16", "shape": [spec.num_images * k, spec.num_classes]},
             "views_table": {"file": VIEWS_FILE, "dtype": "int16", "shape": [spec.num_images, k, 3]},
             "bytes": {LOGITS_FILE: spec.logits_bytes, VIEWS_FILE: spec.views_bytes},
-            "sha256": {LOGITS_FILE: _file_sha256(tmp / LOGITS_FILE), VIEWS_FILE: _file_sha256(tmp / VIEWS_FILE)},
+            "sha256": {LOGITS_FILE: file_sha256(tmp / LOGITS_FILE), VIEWS_FILE: file_sha256(tmp / VIEWS_FILE)},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         header["header_sha256"] = _header_checksum(header)

@@ -6,7 +6,6 @@ atomically and returns False when there is nothing to draw.
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Any
@@ -27,15 +26,16 @@ def _plt():
 
 
 def _save(fig: Any, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    _plt().close(fig)
-    atomic_write(path, lambda f: f.write(buf.getvalue()), mode="wb")
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"), mode="wb")
+    finally:
+        _plt().close(fig)
 
 
-def _fixed_points(s: Series, tcal: str, key: str) -> tuple[list[float], list[float], list[float]]:
+def _fixed_points(table: list[dict[str, Any]], tcal: str, key: str) -> tuple[list[float], list[float], list[float]]:
+    """(T, mean, std) of ``key`` over a series' settings table, fixed temperatures only, by T."""
     xs, ms, ss = [], [], []
-    for e in settings_table(s):
+    for e in table:
         if e["T"] == "calibrated" or e["tcal"] != tcal:
             continue
         m, sd, _ = e[key]
@@ -46,22 +46,29 @@ def _fixed_points(s: Series, tcal: str, key: str) -> tuple[list[float], list[flo
     return [xs[i] for i in order], [ms[i] for i in order], [ss[i] for i in order]
 
 
+def _temperature_axis(ax: Any, label: str) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("distillation temperature T")
+    ax.set_ylabel(label)
+
+
 def temperature_figure(rows: list[dict[str, Any]], series: list[Series], sizes: Any, path: Path) -> bool:
     """Top-1, ECE and entropy against T (log2), one line per series, supervised bands."""
-    if not any(_fixed_points(s, "none", "top1")[0] for s in series):
+    tables = [settings_table(s) for s in series]
+    if not any(_fixed_points(t, "none", "top1")[0] for t in tables):
         return False
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, s in enumerate(series):
+    for i, (s, table) in enumerate(zip(series, tables)):
         c = colors[i % len(colors)]
         sup = supervised_for(rows, s.size, s.model)
         for ax, (key, label) in zip(axes, _METRICS):
-            xs, ms, ss = _fixed_points(s, "none", key)
+            xs, ms, ss = _fixed_points(table, "none", key)
             if not xs:
                 continue
             ax.errorbar(xs, ms, yerr=ss, color=c, marker="o", capsize=3, label=s.label)
-            for e in settings_table(s):  # T = T_cal, placed at the mean T_cal used
+            for e in table:  # T = T_cal, placed at the mean T_cal used
                 if e["T"] == "calibrated" and e["tcal"] == "none" and not math.isnan(e["temperature_used"][0]):
                     m, sd, _ = e[key]
                     ax.errorbar([e["temperature_used"][0]], [m], yerr=[0 if math.isnan(sd) else sd], color=c,
@@ -71,9 +78,7 @@ def temperature_figure(rows: list[dict[str, Any]], series: list[Series], sizes: 
                 ax.axhline(m, color=c, linestyle="--", linewidth=1, label=f"supervised {s.size} px")
                 if not math.isnan(sd):
                     ax.axhspan(m - sd, m + sd, color=c, alpha=0.12)
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("distillation temperature T")
-            ax.set_ylabel(label)
+            _temperature_axis(ax, label)
     axes[0].legend(fontsize=8)
     fig.suptitle("CQKD students against T (mean ± std over seeds)")
     _save(fig, path)
@@ -137,22 +142,21 @@ def entropy_figure(rows: list[dict[str, Any]], series: list[Series], sizes: Any,
 
 def calibration_figure(rows: list[dict[str, Any]], series: list[Series], sizes: Any, path: Path) -> bool:
     """Top-1 and ECE against T, with (dashed) and without (solid) teacher calibration."""
-    if not any(_fixed_points(s, "temperature", "top1")[0] for s in series):
+    tables = [settings_table(s) for s in series]
+    if not any(_fixed_points(t, "temperature", "top1")[0] for t in tables):
         return False
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, s in enumerate(series):
+    for i, (s, table) in enumerate(zip(series, tables)):
         c = colors[i % len(colors)]
         for ax, (key, label) in zip(axes, _METRICS[:2]):
             for tcal, style in (("none", "-"), ("temperature", "--")):
-                xs, ms, ss = _fixed_points(s, tcal, key)
+                xs, ms, ss = _fixed_points(table, tcal, key)
                 if xs:
                     ax.errorbar(xs, ms, yerr=ss, color=c, linestyle=style, marker="o" if tcal == "none" else "D",
                                 capsize=3, label=f"{s.label}, teacher calibration={tcal}")
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("distillation temperature T")
-            ax.set_ylabel(label)
+            _temperature_axis(ax, label)
     axes[0].legend(fontsize=7)
     fig.suptitle("teacher calibration (temperature scaling) on and off, mean ± std over seeds")
     _save(fig, path)

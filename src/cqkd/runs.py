@@ -93,6 +93,17 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CqkdError(f"{path} is corrupt or not a tensor file; refusing to load it ({describe_load_error(e)})") from None
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (hex), read in chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def read_json(path: str | os.PathLike) -> Any:
     try:
         return json.loads(Path(path).read_text())

@@ -47,7 +47,7 @@ from typing import Any
 
 from cqkd.config import RunConfig
 from cqkd.errors import CqkdError, RunFailed, RunInterrupted
-from cqkd.runs import RunDir, read_json, write_json
+from cqkd.runs import RunDir, pid_alive, read_json, write_json
 
 SWEEP_FILE = "sweep.json"
 TOP_LEVEL = ("base", "teachers", "supervised", "distill", "budget_minutes", "description")
@@ -446,7 +446,7 @@ class _lock:
                     pid = int(self.path.read_text().strip() or 0)
                 except (OSError, ValueError):
                     pid = 0
-                if pid and pid != os.getpid() and _alive(pid):
+                if pid and pid != os.getpid() and pid_alive(pid):
                     raise CqkdError(f"another sweep (pid {pid}) is running in {str(self.path.parent)!r}; "
                                     f"wait for it, or delete {self.path} if it is gone") from None
                 self.path.unlink(missing_ok=True)  # stale: its process has ended
@@ -458,16 +458,6 @@ class _lock:
 
     def __exit__(self, *exc: Any) -> None:
         self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _run_locked(plan: SweepPlan, state: dict[str, Any], todo: list[PlannedRun], done: list[PlannedRun],

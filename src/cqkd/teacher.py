@@ -22,7 +22,7 @@ from torch import nn
 from cqkd.data import DatasetInfo
 from cqkd.errors import CqkdError
 from cqkd.models import build_model
-from cqkd.runs import RunDir
+from cqkd.runs import RunDir, file_sha256
 
 
 @dataclass
@@ -62,13 +62,8 @@ def load_weights(model: nn.Module, path: Path) -> None:
 
 
 def file_digest(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    """A weights file's identity: the first 16 hex digits of its sha256."""
+    return file_sha256(path)[:16]
 
 
 def _check_classes(weights: Path, model: nn.Module, path: str, info: DatasetInfo) -> None:

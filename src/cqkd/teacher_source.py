@@ -33,14 +33,10 @@ from cqkd.config import RunConfig
 from cqkd.data import ImageData
 from cqkd.errors import CqkdError
 from cqkd.teacher import Teacher
-from cqkd.views import ViewBank, ViewSpec, apply_views
+from cqkd.views import ViewBank, ViewSpec, apply_views, to_float
 
 MAX_CACHE_BYTES = int(os.environ.get("CQKD_MAX_CACHE_BYTES", 8 << 30))
 EXACT_PRECISIONS = ("32", "32-true")
-
-
-def to_float(x: torch.Tensor) -> torch.Tensor:
-    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
 
 
 class TeacherSource:

@@ -38,7 +38,7 @@ from cqkd.quality import upsample_to
 from cqkd.runs import RunDir, atomic_write, load_tensors, save_tensors, write_json
 from cqkd.teacher import Teacher, load_teacher
 from cqkd.teacher_source import TeacherSource, make_teacher_source
-from cqkd.views import ViewSpec, apply_views, step_generator
+from cqkd.views import ViewSpec, apply_views, step_generator, to_float
 
 
 class Normalize(nn.Module):
@@ -102,9 +102,6 @@ class CQKDModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
         checkpoint["cqkd"] = {"version": __version__, "config_digest": self.cfg.digest()}
 
-    def to_float(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-
     def student_forward(self, x_hr: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.model(self.normalize(self.degrade(x_hr, generator)))
 
@@ -125,7 +122,7 @@ class CQKDModule(L.LightningModule):
         if self.source is not None:  # CQKD: a view from the image's bank and the teacher's logits on it
             x_hr, z_t = self.source(x, idx, g)
         else:  # a fresh random view of each image (supervised, or a teacher without a view bank)
-            x_hr = self.to_float(apply_views(x, self.views.sample(len(y), g)))
+            x_hr = to_float(apply_views(x, self.views.sample(len(y), g)))
             z_t = self.teacher_forward(x_hr) if self.teacher is not None else None
         z_s = self.student_forward(x_hr, g)
         if z_t is None:
@@ -141,7 +138,7 @@ class CQKDModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y, _ = batch
-        z = self.student_forward(self.to_float(x))
+        z = self.student_forward(to_float(x))
         self.val_top1.update((z.argmax(-1) == y).float())
         self.val_nll.update(nn.functional.cross_entropy(z.float(), y, reduction="none"))
         self.log("val/top1", self.val_top1, prog_bar=True, on_epoch=True)
@@ -165,7 +162,7 @@ class CQKDModule(L.LightningModule):
     # ---------------------------------------------------------------- test
     def test_step(self, batch, batch_idx: int) -> None:
         x, y, idx = batch
-        x_hr = self.to_float(x)
+        x_hr = to_float(x)
         x_lr = self.degrade(x_hr)
         out = {"idx": idx, "labels": y, "logits": self.model(self.normalize(x_lr)).float()}
         if self.teacher is not None and self.teacher_memo is not None:
@@ -274,7 +271,9 @@ def make_trainer(cfg: RunConfig, run_dir: Path | None, progress: bool = True,
 
 
 def prepare(cfg: RunConfig) -> tuple[Splits, nn.Module, Teacher | None]:
-    """Load data, teacher and student for ``cfg``, checking everything a user can get wrong."""
+    """Load data, teacher and student for ``cfg``, checking everything a user can get wrong.
+
+    The student is initialised from ``cfg.seed`` (the global generators are seeded here)."""
     cfg.validate()
     splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_samples, cfg.val_size, crop_size=cfg.crop_size,
                           skip_bad_images=cfg.skip_bad_images, augment=cfg.augment)
@@ -295,6 +294,9 @@ def prepare(cfg: RunConfig) -> tuple[Splits, nn.Module, Teacher | None]:
             teacher.t_cal = teacher_temperature(cfg.teacher, fit_if_missing=True)
         if cfg.teacher_calibration == "temperature":
             teacher.temperature = teacher.t_cal
+    # seeded last, so that the student's initialisation depends on the seed alone (not on
+    # whatever loading the teacher drew from the global generator)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(cfg.model, info.num_classes, info.channels, degradation.output_size(info.image_size))
     return splits, model, teacher
 
@@ -332,9 +334,6 @@ def fit_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, progres
     trainer: Any = None
     with SigtermOutsideFit(guard):
         try:
-            L.seed_everything(cfg.seed, workers=True, verbose=False)
-            model = build_model(cfg.model, splits.info.num_classes, splits.info.channels,
-                                cfg.degradation_spec().output_size(splits.info.image_size))  # seeded init
             module = CQKDModule(model, cfg, splits.info, teacher, train_data=splits.train)
             pin = _pin_memory(cfg)
             eval_batch = 512 if not splits.info.loader_augments else max(cfg.batch_size, 64)
@@ -472,13 +471,12 @@ def evaluate_run(path: str | os.PathLike, progress: bool = True, outputs: dict[s
     from cqkd.teacher import load_weights
 
     run = RunDir(path)
-    cfg = run.config()
-    if overrides:
-        cfg = cfg.replace(**overrides)
+    stored = run.config()
+    cfg = stored.replace(**overrides) if overrides else stored
     weights = run.require_weights()
     from cqkd.robust import check_weights
 
-    check_weights(weights, run.config())
+    check_weights(weights, stored)
     splits, model, teacher = prepare(cfg)
     load_weights(model, weights)
     if teacher is not None and teacher.t_cal is not None and run.metrics_file.exists():
@@ -518,11 +516,12 @@ def predict_splits(path: str | os.PathLike, names: list[str], batch_size: int = 
     from cqkd.teacher import load_weights
 
     run = RunDir(path)
-    cfg = _student_config(run.config())
+    stored = run.config()
+    cfg = _student_config(stored)
     weights = run.require_weights()
     from cqkd.robust import check_weights
 
-    check_weights(weights, run.config())
+    check_weights(weights, stored)
     splits, model, _ = prepare(cfg)
     load_weights(model, weights)
     module = CQKDModule(model, cfg, splits.info).eval()
@@ -534,7 +533,7 @@ def predict_splits(path: str | os.PathLike, names: list[str], batch_size: int = 
         logits, labels = [], []
         for i, (x, y, _) in enumerate(make_loader(data, batch_size, shuffle=False)):
             g = step_generator(cfg.seed, i, stream=1)
-            z = module.student_forward(module.to_float(x.to(module.device)), g)
+            z = module.student_forward(to_float(x.to(module.device)), g)
             logits.append(z.float().cpu())
             labels.append(y.cpu())
         out[name] = {"logits": torch.cat(logits), "labels": torch.cat(labels)}

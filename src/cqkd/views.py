@@ -84,6 +84,11 @@ class ViewSpec:
         return torch.tensor([(f, dx, dy) for f in flips for dx in shifts for dy in shifts], dtype=torch.int64)
 
 
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """A view batch as float in [0, 1] (uint8 images are divided by 255)."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+
+
 def apply_views(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """Apply per-image (flip, dx, dy) to a batch (N, C, H, W) of any dtype, on its device.
 
