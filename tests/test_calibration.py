@@ -225,9 +225,9 @@ def test_training_path_uses_calibrated_soft_targets(teacher: Path, student: Path
     t_cal = json.loads((teacher / "calibration.json").read_text())["t_cal"]
     seen: dict = {}
 
-    def spy(z_s, z_t, y, temperature, alpha, teacher_temperature=1.0):
+    def spy(z_s, z_t, y, temperature, alpha, teacher_temperature=1.0, label_smoothing=0.0):
         seen.update(z_s=z_s.detach(), z_t=z_t.detach(), T=temperature, T_cal=teacher_temperature)
-        seen["terms"] = distillation_loss(z_s, z_t, y, temperature, alpha, teacher_temperature)
+        seen["terms"] = distillation_loss(z_s, z_t, y, temperature, alpha, teacher_temperature, label_smoothing)
         return seen["terms"]
 
     monkeypatch.setattr(training, "distillation_loss", spy)

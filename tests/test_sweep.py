@@ -176,14 +176,24 @@ def test_bad_yaml_exits_2_naming_the_key(tmp_path, capsys, change, needle):
 
 
 def test_study_config_plans_the_paper_design():
-    cfg = Path(__file__).parent.parent / "configs" / "fashion-mnist-study.yaml"
-    plan = load_sweep(cfg, "runs/study")
+    """The matched design: one training set for teacher and students, one view bank for every
+    student, at least 5 seeds per setting, an alpha = 0 control."""
+    root = Path(__file__).parent.parent / "configs"
+    plan = load_sweep(root / "fashion-mnist-study.yaml", "runs/study")
     groups = [r.group for r in plan.runs]
-    assert groups.count("teachers") == 1 and groups.count("supervised") == 6
-    assert groups.count("distill") == 2 * 3 * (7 + 3)  # sizes × seeds × (7 T settings + 3 calibrated)
-    assert len(plan.runs) >= 60
+    assert groups.count("teachers") == 1 and groups.count("supervised") == 3 * 5
+    assert groups.count("distill") == 3 * 5 * (1 + 6 + 3)  # sizes × seeds × (control + 6 T + 3 calibrated)
     assert {r.cfg.teacher_calibration for r in plan.runs if r.group == "distill"} == {"none", "temperature"}
+    assert {r.cfg.train_samples for r in plan.runs} == {20000}
+    students = [r for r in plan.runs if r.group != "teachers"]
+    assert {r.cfg.views_per_image for r in students} == {8}
+    assert sum(r.cfg.alpha == 0 for r in students if r.group == "distill") == 3 * 5
     assert all(r.cfg.dataset == "fashion-mnist" for r in plan.runs)
+    cond = load_sweep(root / "fashion-mnist-conditions.yaml", "runs/conditions")
+    for r in cond.runs:  # every student trains on its teacher's images
+        if r.group == "distill":
+            assert r.cfg.train_samples == cond.runs[[t.name for t in cond.runs].index(f"teachers/{r.teacher}")].cfg.train_samples
+    assert {r.cfg.seed for r in cond.runs if r.group != "teachers"} == set(range(5))
 
 
 # ------------------------------------------------------------------------------ statistics

@@ -45,6 +45,7 @@ class RunConfig:
     optimizer: str = "adamw"
     schedule: str = "onecycle"
     seed: int = 0
+    label_smoothing: float = 0.0  # the hard-label cross-entropy's smoothing (0 = none)
     # distillation
     teacher: str | None = None  # a cqkd run directory, or a weights file (.pt/.pth/.safetensors)
     teacher_model: str | None = None  # the teacher's architecture, for a weights file or pretrained weights
@@ -53,7 +54,9 @@ class RunConfig:
     alpha: float = 0.5
     teacher_calibration: str = "none"
     teacher_cache: str = "auto"  # "auto": reuse stored teacher outputs where exact; "off": always run it
-    views_per_image: int | str = 8  # distillation's per-image view bank: k views, or "all"
+    # the per-image view bank every in-memory run draws its training views from: k views, or "all"
+    # (None: 8 for distillation, so that the teacher's outputs can be cached; "all" for supervised)
+    views_per_image: int | str | None = None
     # evaluation
     ece_bins: int = 15
     # hardware
@@ -130,6 +133,10 @@ class RunConfig:
             raise bad("teacher_calibration", f"must be one of {', '.join(TEACHER_CALIBRATION)}")
         if self.teacher_cache not in ("off", "auto"):
             raise bad("teacher_cache", "must be 'off' or 'auto'")
+        if self.views_per_image is None:
+            self.views_per_image = 8 if self.kind == "distill" else "all"
+        if not 0 <= self.label_smoothing < 1:
+            raise bad("label_smoothing", "must be in [0, 1)")
         if isinstance(self.views_per_image, str) and self.views_per_image.strip().isdigit():
             self.views_per_image = int(self.views_per_image)
         if self.views_per_image != "all" and not (isinstance(self.views_per_image, int) and self.views_per_image >= 1):

@@ -21,13 +21,14 @@ def soft_targets(teacher_logits: torch.Tensor, temperature: float, teacher_tempe
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                      temperature: float, alpha: float, teacher_temperature: float = 1.0) -> dict[str, torch.Tensor]:
+                      temperature: float, alpha: float, teacher_temperature: float = 1.0,
+                      label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
     """The CQKD loss and its terms by name: ``loss``, ``ce`` (hard labels), ``kl`` (soft targets).
 
     ``kl`` is the batch mean of KL(p_t^T ‖ p_s^T) in nats, without the T² factor.
     """
     z_s = student_logits.float()
-    ce = F.cross_entropy(z_s, labels)
+    ce = F.cross_entropy(z_s, labels, label_smoothing=label_smoothing)
     if alpha == 0:
         return {"loss": ce, "ce": ce, "kl": torch.zeros((), device=z_s.device)}
     log_p_t = F.log_softmax(teacher_logits.float() / (teacher_temperature * temperature), dim=-1)
@@ -37,6 +38,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return {"loss": loss, "ce": ce, "kl": kl}
 
 
-def supervised_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    ce = F.cross_entropy(student_logits.float(), labels)
+def supervised_loss(student_logits: torch.Tensor, labels: torch.Tensor,
+                    label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
+    """Cross-entropy on the hard labels (optionally label-smoothed, Szegedy et al. 2016)."""
+    ce = F.cross_entropy(student_logits.float(), labels, label_smoothing=label_smoothing)
     return {"loss": ce, "ce": ce}

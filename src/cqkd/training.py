@@ -38,7 +38,8 @@ from cqkd.quality import upsample_to
 from cqkd.runs import RunDir, atomic_write, load_tensors, save_tensors, write_json
 from cqkd.teacher import Teacher, load_teacher
 from cqkd.teacher_source import TeacherSource, make_teacher_source
-from cqkd.views import ViewSpec, apply_views, step_generator, to_float
+from cqkd.cache import BANK_SEED
+from cqkd.views import ViewBank, ViewSpec, apply_views, step_generator, to_float
 
 
 class Normalize(nn.Module):
@@ -81,10 +82,16 @@ class CQKDModule(L.LightningModule):
             self.temperature = teacher.t_cal if cfg.temperature == "calibrated" else float(cfg.temperature)
             self.teacher.eval().requires_grad_(False)
         self.source: TeacherSource | None = None
+        self.bank: ViewBank | None = None
         if teacher is not None and train_data is not None and not info.loader_augments:
             # (a loader that draws random crops has no per-image views to bank or cache: the
             # teacher runs online on each batch's crops, below)
             self.source = make_teacher_source(cfg, teacher, train_data, info.num_classes)
+        elif train_data is not None and not info.loader_augments:
+            # supervised runs draw from the same per-image bank as distillation (same k, same
+            # seed, same draws from the step generator): a supervised and a distilled student
+            # of one seed see the same views, and differ only in the loss
+            self.bank = ViewBank(self.views, len(train_data), cfg.views_per_image, BANK_SEED)
         self.strict_loading = False  # checkpoints hold the student only
         self.val_top1 = torchmetrics.MeanMetric()
         self.val_nll = torchmetrics.MeanMetric()
@@ -121,14 +128,18 @@ class CQKDModule(L.LightningModule):
         g = step_generator(self.cfg.seed, self.global_step, self.global_rank)
         if self.source is not None:  # CQKD: a view from the image's bank and the teacher's logits on it
             x_hr, z_t = self.source(x, idx, g)
-        else:  # a fresh random view of each image (supervised, or a teacher without a view bank)
+        elif self.bank is not None:  # supervised: a view from the image's bank, drawn as above
+            x_hr = to_float(apply_views(x, self.bank.params(idx, self.bank.draw(len(idx), g))))
+            z_t = None
+        else:  # the loader drew the views (image folders): identity here
             x_hr = to_float(apply_views(x, self.views.sample(len(y), g)))
             z_t = self.teacher_forward(x_hr) if self.teacher is not None else None
         z_s = self.student_forward(x_hr, g)
         if z_t is None:
-            terms = supervised_loss(z_s, y)
+            terms = supervised_loss(z_s, y, self.cfg.label_smoothing)
         else:
-            terms = distillation_loss(z_s, z_t, y, self.temperature, self.cfg.alpha, self.teacher_temperature)
+            terms = distillation_loss(z_s, z_t, y, self.temperature, self.cfg.alpha, self.teacher_temperature,
+                                      self.cfg.label_smoothing)
         if not torch.isfinite(terms["loss"]):
             raise FloatingPointError(f"the loss became {terms['loss'].item()} at step {self.global_step}")
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, on_step=False, on_epoch=True,

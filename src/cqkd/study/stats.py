@@ -1,0 +1,352 @@
+"""Statistics of a study that compares trained classifiers ("runs") on one shared test set.
+
+Each run is reduced to per-test-image values (:class:`PerImage`). Every metric is a weighted
+mean over images of a small feature matrix, so one matrix product evaluates it for many
+bootstrap replicates at once (weights = resampled image multiplicities). Effects between two
+arms (:func:`paired_effect`) are paired over seeds and test images; relations over a
+temperature series (:func:`trend`) and between metrics (:func:`correlation`) are tested with
+permutation tests. Pure numpy/scipy, no I/O; callers convert tensors with ``.numpy()``.
+
+Verdicts compare the result with the direction the paper predicts (``sign`` = +1 or -1):
+"holds" (significant, predicted side), "reverses" (significant, opposite side) or
+"inconclusive".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from scipy import special, stats
+
+METRICS = ("top1", "ece", "entropy", "nll")
+N_BINS = 15
+ALPHA = 0.05
+MDE_FACTOR = float(stats.norm.ppf(0.975) + stats.norm.ppf(0.8))  # ≈ 2.80: 80 % power, two-sided 5 %
+TURN_RHO = 0.8  # |Spearman ρ| of the per-T means required on each side of a turn
+_CHUNK = 256  # bootstrap replicates per matrix product (bounds memory)
+
+
+@dataclass(frozen=True, eq=False)
+class PerImage:
+    """One run's per-test-image values: top-1 correctness, confidence, entropy (nats), NLL."""
+
+    correct: np.ndarray
+    confidence: np.ndarray
+    entropy: np.ndarray
+    nll: np.ndarray
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "correct", np.asarray(self.correct, dtype=bool))
+        n = self.correct.shape
+        for name in ("confidence", "entropy", "nll"):
+            object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=np.float64))
+            if getattr(self, name).shape != n or len(n) != 1:
+                raise ValueError(f"PerImage arrays must all be 1-D of one length; {name} is "
+                                 f"{getattr(self, name).shape}, correct is {n}")
+
+    @property
+    def n(self) -> int:
+        return len(self.correct)
+
+
+def per_image(logits: np.ndarray, labels: np.ndarray) -> PerImage:
+    """Per-image values of logits (N, K) against labels (N,), via a float64 log-softmax."""
+    logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
+    if logits.ndim != 2 or labels.shape != (logits.shape[0],):
+        raise ValueError(f"expected logits (N, K) and labels (N,), got {logits.shape} and {labels.shape}")
+    logp = special.log_softmax(logits, axis=1)
+    p = np.exp(logp)
+    pred, rows = logp.argmax(1), np.arange(len(labels))
+    with np.errstate(invalid="ignore"):  # p = 0 where logp = -inf: those terms are 0
+        entropy = -np.where(p > 0, p * logp, 0.0).sum(1)
+    return PerImage(pred == labels, p[rows, pred], entropy, -logp[rows, labels])
+
+
+def bin_index(confidence: np.ndarray, n_bins: int = N_BINS) -> np.ndarray:
+    """Equal-width bin b of each confidence c, with b/M < c <= (b+1)/M (Guo et al., 2017)."""
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+
+
+def _features(run: PerImage, metric: str) -> np.ndarray:
+    """(N, k) per-image features whose weighted sums give the metric (see _evaluate)."""
+    if metric == "ece":  # bin one-hot times (correct - confidence): Σ_i per bin = n_b (acc_b - conf_b)
+        f = np.zeros((run.n, N_BINS))
+        f[np.arange(run.n), bin_index(run.confidence)] = run.correct - run.confidence
+        return f
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+    return getattr(run, "correct" if metric == "top1" else metric).astype(np.float64)[:, None]
+
+
+def _stack(runs: Sequence[PerImage], metric: str) -> np.ndarray:
+    """Features of several runs on the same images, shape (N, n_runs, k)."""
+    if len({r.n for r in runs}) != 1:
+        raise ValueError(f"runs differ in their number of test images: {sorted({r.n for r in runs})}")
+    return np.stack([_features(r, metric) for r in runs], axis=1)
+
+
+def _evaluate(metric: str, features: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Metric of every run under every weight vector: (R, N) x (N, n_runs, k) -> (R, n_runs).
+
+    ECE = Σ_b (n_b/N)|acc_b - conf_b| = Σ_b |Σ_{i in b} w_i (correct_i - conf_i)| / Σ_i w_i.
+    Float32 weights give a float32 product (fast bootstrap); integer weights give float64.
+    """
+    w = np.atleast_2d(weights)
+    f = features.astype(np.result_type(w.dtype, np.float32), copy=False)
+    n, runs, k = f.shape
+    sums = (w.astype(f.dtype, copy=False) @ f.reshape(n, runs * k)).reshape(len(w), runs, k)
+    per_run = np.abs(sums).sum(-1) if metric == "ece" else sums[..., 0]
+    return per_run / w.sum(1, dtype=np.float64)[:, None]
+
+
+def metric_values(metric: str, run: PerImage, weights: np.ndarray) -> np.ndarray:
+    """The metric of one run under each row of weights (R, N) of image multiplicities: (R,)."""
+    return _evaluate(metric, _stack([run], metric), weights)[:, 0]
+
+
+def metric_value(metric: str, run: PerImage) -> float:
+    """The plain metric of one run (every test image once)."""
+    return float(metric_values(metric, run, np.ones((1, run.n)))[0])
+
+
+def _image_weights(rng: np.random.Generator, reps: int, n: int) -> np.ndarray:
+    """(reps, n) float32 multiplicities of n images resampled with replacement."""
+    dtype = np.int32 if reps * n < 2**31 else np.int64
+    idx = rng.integers(0, n, size=(reps, n), dtype=dtype) + (np.arange(reps, dtype=dtype) * n)[:, None]
+    return np.bincount(idx.ravel(), minlength=reps * n).reshape(reps, n).astype(np.float32)
+
+
+def _check_sign(sign: int) -> None:
+    if sign not in (1, -1):
+        raise ValueError(f"sign must be +1 or -1 (the predicted direction), got {sign!r}")
+
+
+def _verdict(positive: bool, negative: bool, sign: int) -> str:
+    if positive or negative:
+        return "holds" if (positive if sign > 0 else negative) else "reverses"
+    return "inconclusive"
+
+
+@dataclass(frozen=True)
+class Effect:
+    """Paired difference a - b of a metric, averaged over seeds, with bootstrap CI and t-test."""
+
+    metric: str
+    mean: float
+    ci_low: float
+    ci_high: float
+    p: float
+    n_seeds: int
+    se: float
+    mde: float
+    sign: int
+    verdict: str
+
+
+def paired_effect(a: dict[int, PerImage], b: dict[int, PerImage], metric: str, sign: int,
+                  n_boot: int = 2000, seed: int = 0) -> Effect:
+    """Mean over seeds of metric(a_s) - metric(b_s), with a seed-and-image bootstrap CI.
+
+    Each replicate resamples the seeds and the test images with replacement; the image
+    resample is shared by both arms and all seeds (images are paired). CI: 95 % percentile;
+    se: bootstrap std; mde = 2.80 se; p: two-sided paired t-test over seeds (nan if < 2).
+    """
+    _check_sign(sign)
+    if set(a) != set(b) or not a:
+        raise ValueError(f"both arms need the same non-empty seeds; only in a: {sorted(set(a) - set(b))}, "
+                         f"only in b: {sorted(set(b) - set(a))}")
+    seeds = sorted(a)
+    s = len(seeds)
+    features = _stack([a[k] for k in seeds] + [b[k] for k in seeds], metric)
+    n = features.shape[0]
+    point = _evaluate(metric, features, np.ones((1, n), dtype=np.int64))[0]
+    per_seed_a, per_seed_b = point[:s], point[s:]
+    p = float(stats.ttest_rel(per_seed_a, per_seed_b).pvalue) if s >= 2 else float("nan")
+
+    rng = np.random.default_rng(seed)
+    seed_counts = rng.multinomial(s, np.full(s, 1.0 / s), size=n_boot)  # (n_boot, s)
+    boot = np.empty(n_boot)
+    for start in range(0, n_boot, _CHUNK):
+        reps = min(_CHUNK, n_boot - start)
+        m = _evaluate(metric, features, _image_weights(rng, reps, n))
+        boot[start:start + reps] = (seed_counts[start:start + reps] * (m[:, :s] - m[:, s:])).sum(1) / s
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    se = float(boot.std(ddof=1)) if n_boot > 1 else float("nan")
+    return Effect(metric, float(np.mean(per_seed_a - per_seed_b)), float(lo), float(hi), p, s, se,
+                  MDE_FACTOR * se, sign, _verdict(lo > 0, hi < 0, sign))
+
+
+def _pearson_against(x: np.ndarray):
+    """Vectorised statistic for permutation_test: Pearson r of fixed x with the samples joined."""
+    xc = (x - x.mean()) / np.linalg.norm(x - x.mean())
+
+    def statistic(*samples: np.ndarray, axis: int = -1) -> np.ndarray:
+        y = np.concatenate(samples, axis=-1)
+        yc = y - y.mean(axis=-1, keepdims=True)
+        return (yc @ xc) / np.linalg.norm(yc, axis=-1)
+
+    return statistic
+
+
+def _perm_p(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None, n_perm: int, seed: int) -> tuple[float, str]:
+    """Two-sided permutation p of Pearson r(x, y), permuting y within groups when possible."""
+    samples, null = (y,), "pooled"
+    if groups is not None:
+        labels, counts = np.unique(groups, return_counts=True)
+        if len(set(counts)) == 1 and counts[0] >= 2:  # 'pairings' needs equal-sized samples
+            order = np.argsort(groups, kind="stable")
+            x, samples, null = x[order], tuple(y[order].reshape(len(labels), -1)), "within groups"
+    res = stats.permutation_test(samples, _pearson_against(x), permutation_type="pairings",
+                                 vectorized=True, n_resamples=n_perm, rng=np.random.default_rng(seed))
+    return float(res.pvalue), null
+
+
+@dataclass(frozen=True)
+class Correlation:
+    """Pearson r of two quantities over points (e.g. runs), with a permutation p-value."""
+
+    r: float
+    p: float
+    n: int
+    sign: int
+    verdict: str
+
+
+@dataclass(frozen=True)
+class Trend:
+    """Spearman ρ of a value against T, its permutation p, and the shape of the per-T means."""
+
+    rho: float
+    p: float
+    n: int
+    sign: int
+    verdict: str
+    shape: str
+    turn: float | None
+    slope_before: float
+    p_before: float
+    slope_after: float
+    p_after: float
+    levels: tuple[float, ...]
+    means: tuple[float, ...]
+    null: str
+
+
+def _as_points(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.ndim != 1 or x.shape != y.shape or len(x) < 3:
+        raise ValueError(f"need two 1-D arrays of one length >= 3, got {x.shape} and {y.shape}")
+    return x, y
+
+
+def correlation(x: np.ndarray, y: np.ndarray, sign: int, n_perm: int = 9999, seed: int = 0) -> Correlation:
+    """Pearson r(x, y) with a two-sided permutation p (scipy permutation_test, pairings)."""
+    _check_sign(sign)
+    x, y = _as_points(x, y)
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return Correlation(float("nan"), float("nan"), len(x), sign, "inconclusive")
+    r = float(stats.pearsonr(x, y).statistic)
+    p, _ = _perm_p(x, y, None, n_perm, seed)
+    return Correlation(r, p, len(x), sign, _verdict(p < ALPHA and r > 0, p < ALPHA and r < 0, sign))
+
+
+def _turn(t: np.ndarray, v: np.ndarray, levels: np.ndarray, means: np.ndarray):
+    """The interior extremum of the per-T means that qualifies as a turn, or None.
+
+    Returns (established, kind, k, fit_before, fit_after); see :func:`trend` for the rule.
+    """
+    best = None
+    for kind, k, after in (("U", int(np.argmin(means)), 1), ("∩", int(np.argmax(means)), -1)):
+        if not 2 <= k <= len(levels) - 3:  # >= 3 distinct T on each side, turn included
+            continue
+        rho_b = stats.spearmanr(levels[:k + 1], means[:k + 1]).statistic
+        rho_a = stats.spearmanr(levels[k:], means[k:]).statistic
+        if not (after * rho_b <= -TURN_RHO and after * rho_a >= TURN_RHO):
+            continue
+        x, left, right = np.log2(t), t <= levels[k], t >= levels[k]
+        fb, fa = stats.linregress(x[left], v[left]), stats.linregress(x[right], v[right])
+        established = after * fb.slope < 0 < after * fa.slope and max(fb.pvalue, fa.pvalue) < ALPHA
+        if best is None or (established and not best[0]):
+            best = (established, kind, k, fb, fa)
+    return best
+
+
+def trend(T: np.ndarray, value: np.ndarray, sign: int, groups: np.ndarray | None = None,
+          n_perm: int = 9999, seed: int = 0) -> Trend:
+    """Monotone trend and shape of value against T over points (T_i, value_i), e.g. runs.
+
+    rho: Spearman ρ over all points; p: two-sided permutation p of ρ (permutation_test,
+    'pairings'): values are permuted within groups (e.g. seeds) when groups is given and all
+    groups are equally large, otherwise over all points (``null`` says which was used).
+    verdict: from p < 0.05 and the sign of ρ. shape, from the per-T means m_j (T_1 < ... < T_J):
+    non-monotone ("U-shaped: falls from T=a to T=b, then rises to T=c", or "∩-shaped: rises
+    ..., then falls ...") when the minimum (U) or maximum (∩) of m_j is at an interior T_k with
+    >= 3 distinct T on each side (turn included in both), the Spearman ρ of m_j vs T_j is <= -0.8
+    / >= +0.8 on the two sides (opposite signs), and the linear fits of value on log2 T over the
+    points of each side have slopes of those signs, each with p < 0.05 (a "two-lines" test,
+    Simonsohn 2018); otherwise "increasing"/"decreasing" when p < 0.05, else "flat". turn,
+    slope_before/after (per doubling of T) and p_before/after describe the turn that passes the
+    ρ rule even when its slopes are not significant (then shape is not U/∩); None/nan if none.
+    """
+    _check_sign(sign)
+    t, v = _as_points(T, value)
+    if np.any(t <= 0):
+        raise ValueError("T must be positive (slopes are fitted against log2 T)")
+    g = None if groups is None else np.asarray(groups)
+    if g is not None and g.shape != t.shape:
+        raise ValueError(f"groups has shape {g.shape}, expected {t.shape}")
+    levels = np.unique(t)
+    means = np.array([v[t == level].mean() for level in levels])
+    if np.ptp(t) == 0 or np.ptp(v) == 0:
+        rho, p, null = float("nan"), float("nan"), "none"
+    else:
+        rho = float(stats.spearmanr(t, v).statistic)
+        p, null = _perm_p(stats.rankdata(t), stats.rankdata(v), g, n_perm, seed)
+    turn = _turn(t, v, levels, means)
+    if turn is not None and turn[0]:
+        _, kind, k, _, _ = turn
+        first, second = ("falls", "rises") if kind == "U" else ("rises", "falls")
+        shape = (f"{kind}-shaped: {first} from T={levels[0]:g} to T={levels[k]:g}, "
+                 f"then {second} to T={levels[-1]:g}")
+    elif p < ALPHA:
+        shape = "increasing" if rho > 0 else "decreasing"
+    else:
+        shape = "flat"
+    nan = float("nan")
+    fb, fa = (turn[3], turn[4]) if turn else (None, None)
+    return Trend(rho, p, len(t), sign, _verdict(p < ALPHA and rho > 0, p < ALPHA and rho < 0, sign), shape,
+                 float(levels[turn[2]]) if turn else None,
+                 float(fb.slope) if fb else nan, float(fb.pvalue) if fb else nan,
+                 float(fa.slope) if fa else nan, float(fa.pvalue) if fa else nan,
+                 tuple(map(float, levels)), tuple(map(float, means)), null)
+
+
+def format_p(p: float) -> str:
+    """'p=0.03', 'p<0.001' or 'p=n/a' (nan)."""
+    if np.isnan(p):
+        return "p=n/a"
+    return "p<0.001" if p < 0.001 else f"p={p:.2g}"
+
+
+def format_effect(e: Effect, digits: int = 4) -> str:
+    """Markdown cell, e.g. '+0.0046 [+0.0012, +0.0081], p=0.03, 5 seeds'."""
+    f = f"+.{digits}f"
+    return (f"{e.mean:{f}} [{e.ci_low:{f}}, {e.ci_high:{f}}], {format_p(e.p)}, "
+            f"{e.n_seeds} seed{'' if e.n_seeds == 1 else 's'}")
+
+
+def format_trend(t: Trend) -> str:
+    """Markdown cell, e.g. 'ρ=+0.82, p<0.001, n=30; increasing'."""
+    out = f"ρ={t.rho:+.2f}, {format_p(t.p)}, n={t.n}; {t.shape}"
+    if t.turn is not None:
+        out += (f" (slope per doubling of T: {t.slope_before:+.2g}, {format_p(t.p_before)} up to "
+                f"T={t.turn:g}; {t.slope_after:+.2g}, {format_p(t.p_after)} from there)")
+    return out
+
+
+def format_correlation(c: Correlation) -> str:
+    """Markdown cell, e.g. 'r=+0.91, p<0.001, n=12'."""
+    return f"r={c.r:+.2f}, {format_p(c.p)}, n={c.n}"
