@@ -1,15 +1,10 @@
 """Statistics of a study that compares trained classifiers ("runs") on one shared test set.
 
-Each run is reduced to per-test-image values (:class:`PerImage`). Every metric is a weighted
-mean over images of a small feature matrix, so one matrix product evaluates it for many
-bootstrap replicates at once (weights = resampled image multiplicities). Effects between two
-arms (:func:`paired_effect`) are paired over seeds and test images; relations over a
-temperature series (:func:`trend`) and between metrics (:func:`correlation`) are tested with
-permutation tests. Pure numpy/scipy, no I/O; callers convert tensors with ``.numpy()``.
-
-Verdicts compare the result with the direction the paper predicts (``sign`` = +1 or -1):
-"holds" (significant, predicted side), "reverses" (significant, opposite side) or
-"inconclusive".
+Runs are reduced to per-test-image values (:class:`PerImage`); each metric is a weighted mean
+of per-image features, so one matrix product evaluates it for many bootstrap image resamples.
+Verdicts compare a result with the direction the paper predicts (``sign`` = +1 or -1): "holds"
+(significant, that side), "reverses" (significant, the other side) or "inconclusive".
+Pure numpy/scipy, no I/O; callers convert tensors with ``.numpy()``.
 """
 
 from __future__ import annotations
@@ -31,20 +26,17 @@ _CHUNK = 256  # bootstrap replicates per matrix product (bounds memory)
 @dataclass(frozen=True, eq=False)
 class PerImage:
     """One run's per-test-image values: top-1 correctness, confidence, entropy (nats), NLL."""
-
     correct: np.ndarray
     confidence: np.ndarray
     entropy: np.ndarray
     nll: np.ndarray
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "correct", np.asarray(self.correct, dtype=bool))
-        n = self.correct.shape
-        for name in ("confidence", "entropy", "nll"):
-            object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=np.float64))
-            if getattr(self, name).shape != n or len(n) != 1:
-                raise ValueError(f"PerImage arrays must all be 1-D of one length; {name} is "
-                                 f"{getattr(self, name).shape}, correct is {n}")
+        for name in ("correct", "confidence", "entropy", "nll"):
+            object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=bool if name == "correct" else float))
+        shapes = {np.shape(getattr(self, name)) for name in ("correct", "confidence", "entropy", "nll")}
+        if len(shapes) != 1 or len(self.correct.shape) != 1:
+            raise ValueError(f"PerImage arrays must all be 1-D of one length, got shapes {shapes}")
 
     @property
     def n(self) -> int:
@@ -125,15 +117,15 @@ def _check_sign(sign: int) -> None:
 
 
 def _verdict(positive: bool, negative: bool, sign: int) -> str:
-    if positive or negative:
-        return "holds" if (positive if sign > 0 else negative) else "reverses"
-    return "inconclusive"
+    """Verdict from whether the result is significantly positive / negative."""
+    if not (positive or negative):
+        return "inconclusive"
+    return "holds" if (positive if sign > 0 else negative) else "reverses"
 
 
 @dataclass(frozen=True)
 class Effect:
     """Paired difference a - b of a metric, averaged over seeds, with bootstrap CI and t-test."""
-
     metric: str
     mean: float
     ci_low: float
@@ -159,13 +151,11 @@ def paired_effect(a: dict[int, PerImage], b: dict[int, PerImage], metric: str, s
         raise ValueError(f"both arms need the same non-empty seeds; only in a: {sorted(set(a) - set(b))}, "
                          f"only in b: {sorted(set(b) - set(a))}")
     seeds = sorted(a)
-    s = len(seeds)
-    features = _stack([a[k] for k in seeds] + [b[k] for k in seeds], metric)
+    s, features = len(seeds), _stack([a[k] for k in seeds] + [b[k] for k in seeds], metric)
     n = features.shape[0]
-    point = _evaluate(metric, features, np.ones((1, n), dtype=np.int64))[0]
+    point = _evaluate(metric, features, np.ones((1, n)))[0]
     per_seed_a, per_seed_b = point[:s], point[s:]
     p = float(stats.ttest_rel(per_seed_a, per_seed_b).pvalue) if s >= 2 else float("nan")
-
     rng = np.random.default_rng(seed)
     seed_counts = rng.multinomial(s, np.full(s, 1.0 / s), size=n_boot)  # (n_boot, s)
     boot = np.empty(n_boot)
@@ -195,6 +185,7 @@ def _perm_p(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None, n_perm: int
     """Two-sided permutation p of Pearson r(x, y), permuting y within groups when possible."""
     samples, null = (y,), "pooled"
     if groups is not None:
+        groups = np.asarray(groups)
         labels, counts = np.unique(groups, return_counts=True)
         if len(set(counts)) == 1 and counts[0] >= 2:  # 'pairings' needs equal-sized samples
             order = np.argsort(groups, kind="stable")
@@ -207,7 +198,6 @@ def _perm_p(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None, n_perm: int
 @dataclass(frozen=True)
 class Correlation:
     """Pearson r of two quantities over points (e.g. runs), with a permutation p-value."""
-
     r: float
     p: float
     n: int
@@ -218,21 +208,20 @@ class Correlation:
 @dataclass(frozen=True)
 class Trend:
     """Spearman ρ of a value against T, its permutation p, and the shape of the per-T means."""
-
     rho: float
     p: float
     n: int
     sign: int
     verdict: str
     shape: str
-    turn: float | None
-    slope_before: float
-    p_before: float
-    slope_after: float
-    p_after: float
-    levels: tuple[float, ...]
-    means: tuple[float, ...]
-    null: str
+    levels: tuple[float, ...]  # the distinct T, ascending
+    means: tuple[float, ...]  # the mean value at each of them
+    null: str  # how the permutation test permuted: "within groups", "pooled" ("none": constant data)
+    turn: float | None = None
+    slope_before: float = float("nan")  # per doubling of T, up to the turn
+    p_before: float = float("nan")
+    slope_after: float = float("nan")  # from the turn on
+    p_after: float = float("nan")
 
 
 def _as_points(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -253,24 +242,25 @@ def correlation(x: np.ndarray, y: np.ndarray, sign: int, n_perm: int = 9999, see
     return Correlation(r, p, len(x), sign, _verdict(p < ALPHA and r > 0, p < ALPHA and r < 0, sign))
 
 
-def _turn(t: np.ndarray, v: np.ndarray, levels: np.ndarray, means: np.ndarray):
-    """The interior extremum of the per-T means that qualifies as a turn, or None.
-
-    Returns (established, kind, k, fit_before, fit_after); see :func:`trend` for the rule.
-    """
-    best = None
+def _turn(t: np.ndarray, v: np.ndarray, levels: np.ndarray, means: np.ndarray) -> tuple[bool, str, dict]:
+    """(established, U/∩ shape text, Trend turn fields) of the qualifying turn; see trend()."""
+    best: tuple[bool, str, dict] = (False, "", {})
     for kind, k, after in (("U", int(np.argmin(means)), 1), ("∩", int(np.argmax(means)), -1)):
         if not 2 <= k <= len(levels) - 3:  # >= 3 distinct T on each side, turn included
             continue
         rho_b = stats.spearmanr(levels[:k + 1], means[:k + 1]).statistic
         rho_a = stats.spearmanr(levels[k:], means[k:]).statistic
-        if not (after * rho_b <= -TURN_RHO and after * rho_a >= TURN_RHO):
+        if not (after * rho_b <= -TURN_RHO and after * rho_a >= TURN_RHO) or best[0]:
             continue
         x, left, right = np.log2(t), t <= levels[k], t >= levels[k]
         fb, fa = stats.linregress(x[left], v[left]), stats.linregress(x[right], v[right])
         established = after * fb.slope < 0 < after * fa.slope and max(fb.pvalue, fa.pvalue) < ALPHA
-        if best is None or (established and not best[0]):
-            best = (established, kind, k, fb, fa)
+        first, second = ("falls", "rises") if after > 0 else ("rises", "falls")
+        text = f"{kind}-shaped: {first} from T={levels[0]:g} to T={levels[k]:g}, then {second} to T={levels[-1]:g}"
+        fields = dict(turn=float(levels[k]), slope_before=float(fb.slope), p_before=float(fb.pvalue),
+                      slope_after=float(fa.slope), p_after=float(fa.pvalue))
+        if established or not best[2]:
+            best = (bool(established), text, fields)
     return best
 
 
@@ -295,40 +285,24 @@ def trend(T: np.ndarray, value: np.ndarray, sign: int, groups: np.ndarray | None
     t, v = _as_points(T, value)
     if np.any(t <= 0):
         raise ValueError("T must be positive (slopes are fitted against log2 T)")
-    g = None if groups is None else np.asarray(groups)
-    if g is not None and g.shape != t.shape:
-        raise ValueError(f"groups has shape {g.shape}, expected {t.shape}")
+    if groups is not None and np.shape(groups) != t.shape:
+        raise ValueError(f"groups has shape {np.shape(groups)}, expected {t.shape}")
     levels = np.unique(t)
     means = np.array([v[t == level].mean() for level in levels])
     if np.ptp(t) == 0 or np.ptp(v) == 0:
         rho, p, null = float("nan"), float("nan"), "none"
     else:
         rho = float(stats.spearmanr(t, v).statistic)
-        p, null = _perm_p(stats.rankdata(t), stats.rankdata(v), g, n_perm, seed)
-    turn = _turn(t, v, levels, means)
-    if turn is not None and turn[0]:
-        _, kind, k, _, _ = turn
-        first, second = ("falls", "rises") if kind == "U" else ("rises", "falls")
-        shape = (f"{kind}-shaped: {first} from T={levels[0]:g} to T={levels[k]:g}, "
-                 f"then {second} to T={levels[-1]:g}")
-    elif p < ALPHA:
-        shape = "increasing" if rho > 0 else "decreasing"
-    else:
-        shape = "flat"
-    nan = float("nan")
-    fb, fa = (turn[3], turn[4]) if turn else (None, None)
+        p, null = _perm_p(stats.rankdata(t), stats.rankdata(v), groups, n_perm, seed)
+    established, text, turn = _turn(t, v, levels, means)
+    shape = text if established else ("flat" if not p < ALPHA else "increasing" if rho > 0 else "decreasing")
     return Trend(rho, p, len(t), sign, _verdict(p < ALPHA and rho > 0, p < ALPHA and rho < 0, sign), shape,
-                 float(levels[turn[2]]) if turn else None,
-                 float(fb.slope) if fb else nan, float(fb.pvalue) if fb else nan,
-                 float(fa.slope) if fa else nan, float(fa.pvalue) if fa else nan,
-                 tuple(map(float, levels)), tuple(map(float, means)), null)
+                 tuple(map(float, levels)), tuple(map(float, means)), null, **turn)
 
 
 def format_p(p: float) -> str:
     """'p=0.03', 'p<0.001' or 'p=n/a' (nan)."""
-    if np.isnan(p):
-        return "p=n/a"
-    return "p<0.001" if p < 0.001 else f"p={p:.2g}"
+    return "p=n/a" if np.isnan(p) else "p<0.001" if p < 0.001 else f"p={p:.2g}"
 
 
 def format_effect(e: Effect, digits: int = 4) -> str:
