@@ -21,6 +21,7 @@ demo: install data
 	$(VENV)/bin/cqkd demo --out runs/demo
 
 test: install
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -p no:cacheprovider
 
 clean:

@@ -36,15 +36,17 @@ import torch
 os.environ.setdefault("CQKD_QUIET_LIGHTNING", "1")
 warnings.filterwarnings("ignore")
 
-from cqkd.config import RunConfig  # noqa: E402
-from cqkd.data import DEBIAN_FASHION_MNIST, load_dataset, make_loader  # noqa: E402
-from cqkd.models import build_model  # noqa: E402
-from cqkd.runs import RunDir  # noqa: E402
-from cqkd.teacher import load_teacher  # noqa: E402
-from cqkd.training import CQKDModule, make_trainer  # noqa: E402
-from cqkd.views import ViewSpec, apply_views, step_generator  # noqa: E402
-
 import lightning as L  # noqa: E402
+
+from cqkd.core.config import RunConfig  # noqa: E402
+from cqkd.core.rundir import RunDir  # noqa: E402
+from cqkd.data.fashion_mnist import DEBIAN_FASHION_MNIST
+from cqkd.data.registry import load_dataset, make_loader  # noqa: E402
+from cqkd.nets.registry import build_model  # noqa: E402
+from cqkd.nets.teacher import load_teacher  # noqa: E402
+from cqkd.train.module import CQKDModule
+from cqkd.train.setup import make_trainer  # noqa: E402
+from cqkd.views.augment import ViewSpec, apply_views, step_generator  # noqa: E402
 
 
 def default_dataset() -> str:

@@ -29,11 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from cqkd.config import RunConfig  # noqa: E402
-from cqkd.data import DatasetInfo  # noqa: E402
-from cqkd.models import build_model  # noqa: E402
-from cqkd.teacher import Teacher  # noqa: E402
-from cqkd.training import CQKDModule  # noqa: E402
+from cqkd.core.config import RunConfig  # noqa: E402
+from cqkd.data.registry import DatasetInfo  # noqa: E402
+from cqkd.nets.registry import build_model  # noqa: E402
+from cqkd.nets.teacher import Teacher  # noqa: E402
+from cqkd.train.module import CQKDModule  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from cqkd.models import build_model, count_flops
+from cqkd.nets.registry import build_model, count_flops
 
 CNN = dict(channels=1, classes=10, teacher=("cnn-large", 28),
            rows=[("cnn-large", 28), ("cnn-small", 28), ("cnn-small", 14), ("cnn-small", 7)])

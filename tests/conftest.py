@@ -28,8 +28,8 @@ def cqkd_cmd(*args: str) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> Path:
     """A cnn-small teacher trained for one epoch on 300 synthetic 28 px images."""
-    from cqkd.config import RunConfig
-    from cqkd.training import fit_run
+    from cqkd.core.config import RunConfig
+    from cqkd.train.fit import fit_run
 
     out = tmp_path_factory.mktemp("teacher") / "teacher"
     fit_run(RunConfig.from_dict({**TINY, "model": "cnn-small", "size": 28, "epochs": 2}), out, progress=False)

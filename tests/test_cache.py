@@ -9,15 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from cqkd import cache as cache_lib
-from cqkd import training
-from cqkd.config import RunConfig
-from cqkd.data import load_dataset
-from cqkd.models import build_model
-from cqkd.runs import RunDir
-from cqkd.teacher import load_teacher
-from cqkd.teacher_source import make_teacher_source
-from cqkd.views import ViewBank, ViewSpec, apply_views, step_generator
+from cqkd.core.config import RunConfig
+from cqkd.core.rundir import RunDir
+from cqkd.data.registry import load_dataset
+from cqkd.distill import cache as cache_lib
+from cqkd.distill.source import make_teacher_source
+from cqkd.nets.registry import build_model
+from cqkd.nets.teacher import load_teacher
+from cqkd.train import fit as training
+from cqkd.train import module as train_module
+from cqkd.views.augment import ViewBank, ViewSpec, apply_views, step_generator
 
 N_TRAIN = 256  # the end-to-end runs: 4 steps of 64
 N_SMALL = 32  # the cache-only tests: 256 teacher forwards per build
@@ -68,7 +69,7 @@ def prepared_source(cfg: RunConfig, splits, forward=None):
     teacher = load_teacher(cfg.teacher, splits.info)
     source = make_teacher_source(cfg, teacher, splits.train, splits.info.num_classes)
     if forward is None:
-        module = training.CQKDModule(build_model("cnn-small", 10, 1, 7), cfg, splits.info, teacher)
+        module = train_module.CQKDModule(build_model("cnn-small", 10, 1, 7), cfg, splits.info, teacher)
         forward = module.teacher_forward
     source.prepare(forward, "cpu", progress=False)
     return source
@@ -81,7 +82,7 @@ def test_cached_distillation_matches_online_at_every_step(tmp_path, teacher_dir,
     same loss at every step and the same final metrics, up to float16 rounding of the logits."""
     records: dict[str, list[tuple[float, float, int]]] = {}
     mode = ["off"]
-    real_loss = training.distillation_loss
+    real_loss = train_module.distillation_loss
 
     def recording_loss(z_s, z_t, y, *args):
         terms = real_loss(z_s, z_t, y, *args)
@@ -89,7 +90,7 @@ def test_cached_distillation_matches_online_at_every_step(tmp_path, teacher_dir,
             records.setdefault(mode[0], []).append((float(terms["loss"]), float(terms["kl"]), int(y.sum())))
         return terms
 
-    monkeypatch.setattr(training, "distillation_loss", recording_loss)
+    monkeypatch.setattr(train_module, "distillation_loss", recording_loss)
     m_off = training.fit_run(distil_cfg(teacher_dir, teacher_cache="off"), tmp_path / "off", progress=False)
     mode[0] = "auto"
     m_auto = training.fit_run(distil_cfg(teacher_dir, teacher_cache="auto"), tmp_path / "auto", progress=False)
@@ -254,7 +255,7 @@ def test_teacher_and_student_see_the_same_view(teacher_dir, splits):
     the same flipped/translated view, reproducible from (seed, step)."""
     cfg = distil_cfg(teacher_dir, teacher_cache="off", augment="flip,translate=3")
     teacher = load_teacher(cfg.teacher, splits.info)
-    module = training.CQKDModule(build_model("cnn-small", 10, 1, 7), cfg, splits.info, teacher,
+    module = train_module.CQKDModule(build_model("cnn-small", 10, 1, 7), cfg, splits.info, teacher,
                                  train_data=splits.train)
     seen: dict[str, list[torch.Tensor]] = {"teacher": [], "student": []}
     forward = module.teacher_forward
@@ -321,7 +322,7 @@ def test_other_ranks_wait_for_rank_zero_to_build(teacher_dir, small):
 
     cfg = distil_cfg(teacher_dir, N_SMALL)
     teacher = load_teacher(cfg.teacher, small.info)
-    forward = training.CQKDModule(build_model("cnn-small", 10, 1, 7), cfg, small.info, teacher).teacher_forward
+    forward = train_module.CQKDModule(build_model("cnn-small", 10, 1, 7), cfg, small.info, teacher).teacher_forward
     rank0, rank1 = (make_teacher_source(cfg, teacher, small.train, 10) for _ in range(2))
     barrier = threading.Barrier(2, timeout=60)
     calls = []

@@ -4,7 +4,6 @@ and the calibration commands, down to an end-to-end run on a tiny synthetic teac
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,10 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from cqkd import cli
-from cqkd.calibration import TemperatureScaler, calibrate_run, read_calibration, teacher_temperature
+from cqkd.calibration.metrics import all_metrics, mean_kl, nll
+from cqkd.calibration.scaling import TemperatureScaler, read_calibration
+from cqkd.distill.loss import distillation_loss, soft_targets
 from cqkd.errors import CqkdError
-from cqkd.losses import distillation_loss, soft_targets
-from cqkd.metrics import all_metrics, mean_kl, nll
+from cqkd.train.calibrate import calibrate_run, teacher_temperature
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -74,7 +74,7 @@ def test_scaler_on_separable_data_stops_at_the_range() -> None:
 def test_scaler_guard_keeps_t_one(monkeypatch: pytest.MonkeyPatch) -> None:
     # if the search returned something worse than T = 1 (here: a search range that excludes the
     # optimum 1 is impossible, so fake a broken NLL that is lowest at T = 1 only when u = 0 exactly)
-    import cqkd.calibration as C
+    import cqkd.calibration.scaling as C
 
     real = C._nll_at
     monkeypatch.setattr(C, "_nll_at", lambda z, y, t: real(z, y, t) - (1.0 if t == 1.0 else 0.0))
@@ -144,8 +144,8 @@ def student(teacher: Path) -> Path:
 
 
 def test_predict_logits_is_the_evaluation_view(teacher: Path) -> None:
-    from cqkd.runs import RunDir
-    from cqkd.training import predict_logits
+    from cqkd.core.rundir import RunDir
+    from cqkd.train.predict import predict_logits
 
     saved = RunDir(teacher).test_logits()
     again = predict_logits(teacher, "test")
@@ -154,7 +154,7 @@ def test_predict_logits_is_the_evaluation_view(teacher: Path) -> None:
 
 
 def test_cqkd_calibrate_end_to_end(teacher: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from cqkd.training import predict_logits
+    from cqkd.train.predict import predict_logits
 
     (teacher / "calibration.json").unlink(missing_ok=True)
     assert _cli(["calibrate", teacher, "--ece-bins", 10]) == 0
@@ -219,8 +219,9 @@ def test_distillation_records_both_temperatures(teacher: Path, student: Path) ->
 
 def test_training_path_uses_calibrated_soft_targets(teacher: Path, student: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """prepare() + CQKDModule.training_step divide the teacher's logits by T_cal·T."""
-    import cqkd.training as training
-    from cqkd.runs import RunDir
+    import cqkd.train.fit as training
+    import cqkd.train.module as train_module
+    from cqkd.core.rundir import RunDir
 
     t_cal = json.loads((teacher / "calibration.json").read_text())["t_cal"]
     seen: dict = {}
@@ -230,12 +231,12 @@ def test_training_path_uses_calibrated_soft_targets(teacher: Path, student: Path
         seen["terms"] = distillation_loss(z_s, z_t, y, temperature, alpha, teacher_temperature, label_smoothing)
         return seen["terms"]
 
-    monkeypatch.setattr(training, "distillation_loss", spy)
+    monkeypatch.setattr(train_module, "distillation_loss", spy)
     for temperature, expect_t in ((2.0, 2.0), ("calibrated", t_cal)):
         cfg = RunDir(student).config().replace(temperature=temperature)
         splits, model, t = training.prepare(cfg)
         assert t.t_cal == pytest.approx(t_cal) and t.temperature == pytest.approx(t_cal)
-        module = training.CQKDModule(model, cfg, splits.info, t)
+        module = train_module.CQKDModule(model, cfg, splits.info, t)
         x, y = splits.train.images[:16], splits.train.labels[:16]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # self.log without a Trainer
@@ -250,9 +251,9 @@ def test_training_path_uses_calibrated_soft_targets(teacher: Path, student: Path
 
 def test_teacher_seen_from_the_students_side(teacher: Path, student: Path) -> None:
     """teacher_lr_metrics and kl_teacher_student, recomputed independently of test_step."""
-    from cqkd.data import load_dataset
-    from cqkd.runs import RunDir
-    from cqkd.teacher import load_teacher
+    from cqkd.core.rundir import RunDir
+    from cqkd.data.registry import load_dataset
+    from cqkd.nets.teacher import load_teacher
 
     run = RunDir(student)
     saved, m = run.test_logits(), run.metrics()
@@ -292,7 +293,7 @@ def _check_png(path: Path) -> None:
 
 
 def test_reliability_diagram_one_and_several(tmp_path: Path) -> None:
-    from cqkd.plots import reliability_diagram
+    from cqkd.calibration.plots import reliability_diagram
 
     z, y = calibrated_model_logits(2000)
     reliability_diagram([("calibrated", z, y)], tmp_path / "one.png")
@@ -314,15 +315,15 @@ def test_cqkd_plot_reliability(teacher: Path, student: Path, tmp_path: Path, cap
 
 
 def test_a_failing_plot_does_not_lose_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import cqkd.plots
-    from cqkd.config import RunConfig
-    from cqkd.runs import RunDir
-    from cqkd.training import save_outputs
+    import cqkd.train.fit
+    from cqkd.core.config import RunConfig
+    from cqkd.core.rundir import RunDir
+    from cqkd.train.fit import save_outputs
 
     def broken(*args, **kwargs):
         raise RuntimeError("no fonts today")
 
-    monkeypatch.setattr(cqkd.plots, "reliability_diagram", broken)
+    monkeypatch.setattr(cqkd.train.fit, "reliability_diagram", broken)
     run = RunDir(tmp_path / "run")
     cfg = RunConfig(dataset="synthetic")
     run.prepare(cfg)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_calibration_error
 
-from cqkd import metrics as M
+from cqkd.calibration import metrics as M
 
 
 def two_class(confs: list[float], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

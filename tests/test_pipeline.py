@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import TINY
+
 from cqkd.cli import main
-from cqkd.config import RunConfig
-from cqkd.losses import distillation_loss, soft_targets
-from cqkd.quality import Degradation
-from cqkd.views import ViewSpec, apply_views, step_generator
+from cqkd.core.config import RunConfig
+from cqkd.distill.loss import distillation_loss, soft_targets
+from cqkd.views.augment import ViewSpec, apply_views, step_generator
+from cqkd.views.degrade import Degradation
 
 # ----------------------------------------------------------------------------- loss
 
@@ -115,10 +115,10 @@ def test_views_flip_and_translate():
 def test_student_view_is_degraded_teacher_view(tiny_teacher):
     """In a training step the student's input is the degraded version of the very view the
     teacher sees (same flip and shift), not an independently augmented copy."""
-    from cqkd.data import load_dataset
-    from cqkd.models import build_model
-    from cqkd.teacher import load_teacher
-    from cqkd.training import CQKDModule
+    from cqkd.data.registry import load_dataset
+    from cqkd.nets.registry import build_model
+    from cqkd.nets.teacher import load_teacher
+    from cqkd.train.module import CQKDModule
 
     cfg = RunConfig.from_dict({**TINY, "kind": "distill", "teacher": str(tiny_teacher), "size": 7,
                                "augment": "flip,translate=3", "teacher_cache": "off"})
@@ -139,10 +139,10 @@ def test_student_view_is_degraded_teacher_view(tiny_teacher):
 def test_teacher_frozen_and_in_eval_mode(tiny_teacher, tmp_path):
     import lightning as L
 
-    from cqkd.data import load_dataset, make_loader
-    from cqkd.models import build_model
-    from cqkd.teacher import load_teacher
-    from cqkd.training import CQKDModule
+    from cqkd.data.registry import load_dataset, make_loader
+    from cqkd.nets.registry import build_model
+    from cqkd.nets.teacher import load_teacher
+    from cqkd.train.module import CQKDModule
 
     cfg = RunConfig.from_dict({**TINY, "kind": "distill", "teacher": str(tiny_teacher), "size": 7,
                                "teacher_cache": "off"})
@@ -171,7 +171,7 @@ def _write_idx(path: Path, array: torch.Tensor) -> None:
 
 
 def test_fashion_mnist_reads_idx_files_from_data_dir(tmp_path):
-    from cqkd.data import load_fashion_mnist
+    from cqkd.data.fashion_mnist import load_fashion_mnist
 
     g = torch.Generator().manual_seed(0)
     for prefix, n in (("train", 60), ("t10k", 20)):
@@ -185,7 +185,7 @@ def test_fashion_mnist_reads_idx_files_from_data_dir(tmp_path):
 
 
 def test_train_subset_is_balanced_and_fixed():
-    from cqkd.data import load_dataset
+    from cqkd.data.registry import load_dataset
 
     a = load_dataset("synthetic", train_samples=100)
     b = load_dataset("synthetic", train_samples=100)
@@ -195,7 +195,7 @@ def test_train_subset_is_balanced_and_fixed():
 
 def test_synthetic_resolution_really_costs_information():
     """Pairs of classes differ only in fine stripes, which a 7 px view averages away."""
-    from cqkd.data import make_synthetic
+    from cqkd.data.synthetic import make_synthetic
 
     d = make_synthetic(200, seed=0)
     lo = Degradation(size=7)(d.images.float() / 255)
@@ -236,7 +236,7 @@ def test_end_to_end_distill_and_evaluate(tiny_teacher, tmp_path, capsys):
     logits = torch.load(out / "test_logits.pt", weights_only=True)
     assert logits["logits"].shape == (1000, 10) and logits["labels"].shape == (1000,)
     # evaluate recomputes the same metrics from the saved weights
-    from cqkd.training import evaluate_run
+    from cqkd.train.fit import evaluate_run
 
     again = evaluate_run(out, progress=False)
     assert again["top1"] == pytest.approx(m["top1"], abs=1e-6)
@@ -293,7 +293,7 @@ def test_teacher_without_checkpoint_is_refused(tiny_teacher, tmp_path, capsys):
 def test_teacher_test_outputs_are_shared_between_students(tiny_teacher, tmp_path):
     """The second student of a teacher reuses the teacher's saved test logits, and its
     teacher metrics equal those the first student computed with the network."""
-    from cqkd.training import fit_run
+    from cqkd.train.fit import fit_run
 
     for f in (tiny_teacher / "eval").glob("*.pt") if (tiny_teacher / "eval").exists() else []:
         f.unlink()
@@ -317,9 +317,9 @@ def test_alpha_zero_distillation_equals_supervised(tmp_path, tiny_teacher):
     """The study's control: a student distilled with α = 0 (the distillation path: teacher
     source, view bank, step generator) equals the supervised student of the same seed, because
     both draw the same views from the same per-image bank and start from the same weights."""
-    from cqkd.config import RunConfig
-    from cqkd.runs import RunDir
-    from cqkd.training import fit_run
+    from cqkd.core.config import RunConfig
+    from cqkd.core.rundir import RunDir
+    from cqkd.train.fit import fit_run
 
     common = {**TINY, "model": "cnn-small", "size": 7, "epochs": 2, "seed": 5, "views_per_image": 8}
     sup = fit_run(RunConfig.from_dict({**common, "kind": "train"}), tmp_path / "sup", progress=False)

@@ -143,7 +143,7 @@ def _copy_run(src: Path, dst: Path) -> Path:
 def test_bad_teachers(capsys, tmp_path, teacher):
     from safetensors.torch import save_file
 
-    from cqkd.models import build_model
+    from cqkd.nets.registry import build_model
 
     cases = []
     missing = tmp_path / "missing"
@@ -225,7 +225,7 @@ def test_sigkill_mid_epoch_then_resume(capsys, tmp_path):
     proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     assert status(out)["state"] == "running"  # nobody could say otherwise...
-    from cqkd.runs import RunDir, effective_state, list_runs
+    from cqkd.core.rundir import RunDir, effective_state, list_runs
 
     state, note = effective_state(RunDir(out))
     assert state == "failed" and "stale" in note  # ...but its process is gone
@@ -345,8 +345,8 @@ def test_malicious_checkpoint_is_refused_not_executed(capsys, tmp_path, teacher)
     assert code == 2 and "refusing to load it" in err, err
     assert not marker.exists()
     # Lightning's own loading path (ckpt_path="best", resume) goes through the same loader
-    from cqkd.robust import AtomicCheckpointIO
     from cqkd.errors import CqkdError
+    from cqkd.train.checkpoints import AtomicCheckpointIO
 
     with pytest.raises(CqkdError):
         AtomicCheckpointIO().load_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=False)
@@ -356,7 +356,7 @@ def test_malicious_checkpoint_is_refused_not_executed(capsys, tmp_path, teacher)
     code, err = cqkd(capsys, "distill", *FAST, "--teacher", fake, "--out", tmp_path / "student")
     assert code == 2 and "not a safetensors file" in err
     plant(fake / "test_logits.pt", marker)
-    from cqkd.runs import RunDir
+    from cqkd.core.rundir import RunDir
 
     with pytest.raises(CqkdError, match="corrupt or not a tensor file"):
         RunDir(fake).test_logits()
@@ -375,7 +375,7 @@ def test_evaluate_refuses_weights_of_another_config(capsys, tmp_path, teacher):
 
 
 def test_checkpoints_and_outputs_are_atomic(tmp_path, teacher):
-    from cqkd.runs import atomic_write
+    from cqkd.core.io import atomic_write
 
     target = tmp_path / "file.txt"
     target.write_text("old")

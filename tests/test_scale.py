@@ -15,13 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from cqkd.config import RunConfig
-from cqkd.data import DatasetInfo, load_dataset
+from cqkd.calibration.metrics import all_metrics
+from cqkd.core.config import RunConfig
+from cqkd.data.registry import DatasetInfo, load_dataset
 from cqkd.errors import CqkdError
-from cqkd.metrics import all_metrics
-from cqkd.models import build_model
-from cqkd.teacher import Teacher, load_teacher
-from cqkd.training import CQKDModule, evaluate_run, fit_run, make_trainer
+from cqkd.nets.registry import build_model
+from cqkd.nets.teacher import Teacher, load_teacher
+from cqkd.train.fit import evaluate_run, fit_run
+from cqkd.train.module import CQKDModule
+from cqkd.train.setup import make_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -388,7 +390,7 @@ def test_recipe_is_valid(tmp_path):
     runs with the paper's settings."""
     import yaml
 
-    from cqkd.sweep import plan_sweep
+    from cqkd.study.sweep import plan_sweep
 
     recipe = yaml.safe_load((ROOT / "configs" / "imagenet-resnet50-to-resnet18.yaml").read_text())
     plan = plan_sweep(recipe, tmp_path / "sweep")

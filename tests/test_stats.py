@@ -60,12 +60,19 @@ def test_per_image_is_stable_for_huge_logits():
     assert np.all(np.isfinite(run.entropy)) and np.all(run.entropy < 1e-12)
 
 
-def test_bin_edges_follow_lo_lt_c_le_hi():
+def test_bin_edges_match_the_runs_ece():
+    """[b/M, (b+1)/M) with 1 in the last bin, as cqkd.calibration.metrics: the study's ECE of a
+    run equals the ECE in its metrics.json."""
+    import torch
+
+    from cqkd.calibration import metrics as M
+
     edges = np.linspace(0, 1, 16)
-    assert list(S.bin_index(np.array([edges[5], np.nextafter(edges[5], 1), 1.0, 1e-9, 0.0]))) == [4, 5, 14, 0, 0]
-    # a confidence on an edge is grouped with the bin below it: (4/15, 5/15] holds 0.3 and 5/15
-    run = S.PerImage(np.array([True, False]), np.array([0.3, edges[5]]), np.zeros(2), np.zeros(2))
-    assert S.metric_value("ece", run) == pytest.approx(abs(0.5 - (0.3 + edges[5]) / 2))
+    assert list(S.bin_index(np.array([edges[5], np.nextafter(edges[5], 0), 1.0, 1e-9, 0.0]))) == [5, 4, 14, 0, 0]
+    rng = np.random.default_rng(0)
+    logits, labels = rng.normal(size=(500, 10)) * 3, rng.integers(0, 10, 500)
+    expected = M.ece(torch.tensor(logits), torch.tensor(labels), 15)
+    assert S.metric_value("ece", S.per_image(logits, labels)) == pytest.approx(float(expected), abs=1e-9)
 
 
 def test_weighted_metrics_equal_metrics_of_the_resampled_images():

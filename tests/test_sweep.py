@@ -11,10 +11,12 @@ import pytest
 import yaml
 
 from cqkd.cli import main
+from cqkd.core.io import read_json
+from cqkd.core.rundir import RunDir
 from cqkd.errors import CqkdError
-from cqkd.runs import RunDir, read_json
-from cqkd.study_report import findings, mean_std, pearson, spearman, verdict, write_report
-from cqkd.sweep import load_sweep, plan_sweep, run_sweep
+from cqkd.study.findings import findings, mean_std, pearson, spearman, verdict
+from cqkd.study.report import write_report
+from cqkd.study.sweep import load_sweep, plan_sweep, run_sweep
 
 TINY = {"dataset": "synthetic", "train_samples": 200, "epochs": 1, "accelerator": "cpu"}
 SPEC = {
@@ -249,7 +251,7 @@ def test_findings_choose_by_val_and_pair_by_seed():
     top = f3["top-1 calibrated − uncalibrated teacher"]
     assert top["mean"] == pytest.approx(0.03) and top["std"] == pytest.approx(0.01) and top["verdict"] == "holds"
     assert f3["ECE calibrated − uncalibrated teacher"]["mean"] == pytest.approx(-0.01)
-    from cqkd.study_report import calibration_pairs, distill_series
+    from cqkd.study.findings import calibration_pairs, distill_series
 
     pairs = calibration_pairs(distill_series(rows)[0])
     assert [p["T"] for p in pairs] == ["1", "4", "16"] and all(p["n"] == 3 for p in pairs)
@@ -264,7 +266,7 @@ def test_plan_errors_name_teacher_path(tmp_path):
 
 
 def test_demo_is_the_demo_yaml_sweep(tmp_path):
-    from cqkd.experiments import demo_spec
+    from cqkd.study.demo import demo_spec
 
     from_code = plan_sweep(demo_spec(), tmp_path / "demo")
     from_file = load_sweep(Path(__file__).parent.parent / "configs" / "demo.yaml", tmp_path / "demo")
@@ -287,7 +289,7 @@ def test_one_sweep_at_a_time_per_directory(tmp_path):
 
 
 def test_unfinished_runs_continue_from_their_checkpoint(sweep, tmp_path):
-    from cqkd.sweep import _how_to_start
+    from cqkd.study.sweep import _how_to_start
 
     _, out = sweep
     name = "supervised/model=cnn-small,size=7,seed=0"

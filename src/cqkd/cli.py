@@ -15,14 +15,18 @@ from typing import Any
 from cqkd.errors import CqkdError, RunFailed, RunInterrupted
 
 EXIT_USAGE = 2
+
+
 EXIT_FAILED = 1
+
+
 _DEFAULTS_NOTE = "(default: %s)"
 
 
 def _default(name: str) -> Any:
     from dataclasses import fields
 
-    from cqkd.config import RunConfig
+    from cqkd.core.config import RunConfig
 
     return {f.name: f.default for f in fields(RunConfig)}[name]
 
@@ -86,11 +90,11 @@ _NOT_CONFIG = {"command", "func", "config", "out", "force", "quiet", "resume"}
 
 
 def _config_from_args(args: argparse.Namespace, kind: str):
-    from cqkd.config import RunConfig
+    from cqkd.core.config import RunConfig
 
     raw: dict[str, Any] = {}
     if getattr(args, "resume", False) and not args.config:
-        from cqkd.runs import RunDir
+        from cqkd.core.rundir import RunDir
 
         run = RunDir(args.out)
         if not run.config_file.exists():
@@ -123,7 +127,7 @@ def _check_config_keys(loaded: dict[str, Any], where: str) -> None:
     import typing
     from dataclasses import fields
 
-    from cqkd.config import RunConfig, _coerce
+    from cqkd.core.config import RunConfig, _coerce
 
     known = {f.name for f in fields(RunConfig)}
     hints = typing.get_type_hints(RunConfig)
@@ -136,17 +140,17 @@ def _check_config_keys(loaded: dict[str, Any], where: str) -> None:
 
 
 def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
-    from cqkd.report import metrics_table
+    from cqkd.study.tables import metrics_table
 
     metrics_table(title, metrics)
 
 
 def cmd_train(args: argparse.Namespace, kind: str = "train") -> int:
-    from cqkd.training import fit_run
+    from cqkd.train.fit import fit_run
 
     cfg = _config_from_args(args, kind)
     metrics = fit_run(cfg, args.out, force=args.force, progress=not args.quiet, resume=args.resume)
-    from cqkd.training import is_rank_zero
+    from cqkd.train.setup import is_rank_zero
 
     if is_rank_zero():
         _print_metrics(f"{kind} run {args.out}", metrics)
@@ -159,7 +163,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cqkd.training import evaluate_run
+    from cqkd.train.fit import evaluate_run
 
     if args.bootstrap < 0:
         raise CqkdError(f"--bootstrap must be >= 0 (0 = no intervals), got {args.bootstrap}")
@@ -170,8 +174,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate_run(args.run, progress=not args.quiet, outputs=outputs, **overrides)
     _print_metrics(f"evaluation of {args.run} (test split)", metrics)
     if args.bootstrap:
-        from cqkd.metrics import bootstrap_intervals
-        from cqkd.report import intervals_table
+        from cqkd.calibration.metrics import bootstrap_intervals
+        from cqkd.study.tables import intervals_table
 
         intervals = bootstrap_intervals(outputs["logits"], outputs["labels"], n=args.bootstrap,
                                         seed=args.bootstrap_seed, ece_bins=metrics["ece_bins"])
@@ -181,8 +185,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from cqkd.calibration import calibrate_run
-    from cqkd.report import calibration_table
+    from cqkd.study.tables import calibration_table
+    from cqkd.train.calibrate import calibrate_run
 
     result = calibrate_run(args.run, split=args.split, ece_bins=args.ece_bins, progress=not args.quiet)
     calibration_table(args.run, result)
@@ -193,8 +197,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_plot_reliability(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from cqkd.plots import reliability_diagram
-    from cqkd.runs import RunDir
+    from cqkd.calibration.plots import reliability_diagram
+    from cqkd.core.rundir import RunDir
 
     if args.labels is not None and len(args.labels) != len(args.runs):
         raise CqkdError(f"--labels has {len(args.labels)} names for {len(args.runs)} runs")
@@ -220,21 +224,21 @@ def cmd_plot_reliability(args: argparse.Namespace) -> int:
 
 
 def cmd_runs_list(args: argparse.Namespace) -> int:
-    from cqkd.report import runs_table
+    from cqkd.study.tables import runs_table
 
     runs_table(args.dir)
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from cqkd.report import models_table
+    from cqkd.study.tables import models_table
 
     models_table(args.size, args.channels, args.classes)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cqkd.experiments import run_demo
+    from cqkd.study.demo import run_demo
 
     rows = run_demo(args.out, data_dir=args.data_dir, epochs=args.epochs, train_samples=args.train_samples,
                     force=args.force, progress=not args.quiet)
@@ -317,9 +321,8 @@ _EXTENSIONS: list[Callable[[Any, Callable[..., argparse.ArgumentParser]], None]]
 
 # ---------------------------------------------------------------------- sweep and report
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from cqkd.sweep import load_sweep, run_sweep
-
     from cqkd.errors import RunInterrupted
+    from cqkd.study.sweep import load_sweep, run_sweep
 
     plan = load_sweep(args.config, args.out)
     try:
@@ -331,7 +334,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from cqkd.study_report import write_report
+    from cqkd.study.report import write_report
 
     paths = write_report(args.dir)
     print(f"report: {paths['report']}  table: {paths['csv']}  figures: {len(paths['figures'])}")

@@ -57,9 +57,10 @@ def per_image(logits: np.ndarray, labels: np.ndarray) -> PerImage:
 
 
 def bin_index(confidence: np.ndarray, n_bins: int = N_BINS) -> np.ndarray:
-    """Equal-width bin b of each confidence c, with b/M < c <= (b+1)/M (Guo et al., 2017)."""
+    """Equal-width bin b of each confidence c, with b/M <= c < (b+1)/M and 1 in the last bin: the
+    convention of ``cqkd.calibration.metrics.bin_index``, so the study's ECE equals each run's."""
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    return np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    return np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, n_bins - 1)
 
 
 def _features(run: PerImage, metric: str) -> np.ndarray:

@@ -21,21 +21,22 @@ Otherwise it runs the teacher online; ``describe()`` records which and why in me
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cqkd import cache as cache_lib
-from cqkd.config import RunConfig
-from cqkd.data import ImageData
+from cqkd.core.config import RunConfig
+from cqkd.data.registry import ImageData
+from cqkd.distill import cache as cache_lib
 from cqkd.errors import CqkdError
-from cqkd.teacher import Teacher
-from cqkd.views import ViewBank, ViewSpec, apply_views, to_float
+from cqkd.nets.teacher import Teacher
+from cqkd.views.augment import ViewBank, ViewSpec, apply_views, to_float
 
 MAX_CACHE_BYTES = int(os.environ.get("CQKD_MAX_CACHE_BYTES", 8 << 30))
+
+
 EXACT_PRECISIONS = ("32", "32-true")
 
 

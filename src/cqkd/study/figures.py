@@ -10,8 +10,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from cqkd.runs import atomic_write
-from cqkd.study_report import (Series, _f, mean_std, pearson, settings_table, supervised_for)
+from cqkd.core.io import atomic_write
+from cqkd.study.findings import Series, _f, mean_std, pearson, settings_table, supervised_for
 
 _METRICS = (("top1", "test top-1"), ("ece", "ECE"), ("entropy", "mean entropy (nats)"))
 

@@ -19,10 +19,12 @@ from typing import Any
 
 from torch import nn
 
-from cqkd.data import DatasetInfo
+from cqkd.core.io import file_sha256
+from cqkd.core.rundir import RunDir
+from cqkd.data.registry import DatasetInfo
 from cqkd.errors import CqkdError
-from cqkd.models import build_model
-from cqkd.runs import RunDir, file_sha256
+from cqkd.nets.pretrained import pretrained_model
+from cqkd.nets.registry import build_model
 
 
 @dataclass
@@ -145,7 +147,6 @@ def load_teacher(path: str | None, info: DatasetInfo, model_name: str | None = N
     """The frozen teacher, in eval mode, for dataset ``info``: from pretrained ``weights`` (of
     ``model_name``), a weights file ``path`` (of ``model_name``) or a run directory ``path``."""
     if weights:
-        from cqkd.pretrained import pretrained_model
 
         if not model_name:
             raise CqkdError("--teacher-weights needs --teacher-model (e.g. resnet50)")

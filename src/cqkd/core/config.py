@@ -15,9 +15,15 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from cqkd.errors import CqkdError
+from cqkd.views.augment import ViewSpec
+from cqkd.views.degrade import Degradation
 
 OPTIMIZERS = ("adamw", "sgd")
+
+
 TEACHER_CALIBRATION = ("none", "temperature")
+
+
 PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "64", "64-true")
 
 
@@ -167,12 +173,10 @@ class RunConfig:
             raise bad("temperature", "'calibrated' needs a teacher")
         # parse the specs now so that a bad one fails before any work
         self.degradation_spec()
-        from cqkd.views import ViewSpec
 
         ViewSpec.parse(self.augment)
 
     def degradation_spec(self):
-        from cqkd.quality import Degradation
 
         if self.degradation:
             return Degradation.parse(self.degradation)
@@ -212,3 +216,6 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
                     pass
     names = " or ".join(getattr(t, "__name__", str(t)) for t in options if t is not type(None))
     raise CqkdError(f"{where}: {key}={value!r} has the wrong type (expected {names})")
+
+
+CONFIG_KEYS = tuple(f.name for f in fields(RunConfig))  # every key a run config, CLI or sweep accepts

@@ -39,16 +39,27 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cqkd.data import SPLIT_SEED, DatasetInfo, Splits, register_dataset
+from cqkd.data.registry import SPLIT_SEED, DatasetInfo, Splits, register_dataset
 from cqkd.errors import CqkdError
 
 log = logging.getLogger("cqkd.data")
 
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+
+
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 RRC_SCALE = (0.08, 1.0)
+
+
 RRC_RATIO = (3 / 4, 4 / 3)
+
+
 MAX_REPLACEMENTS = 100  # consecutive unreadable files tolerated when skipping
 
 

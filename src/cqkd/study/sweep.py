@@ -41,28 +41,39 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cqkd.config import RunConfig
+from cqkd.core.config import CONFIG_KEYS, RunConfig
+from cqkd.core.io import read_json, write_json
+from cqkd.core.rundir import RunDir, pid_alive
 from cqkd.errors import CqkdError, RunFailed, RunInterrupted
-from cqkd.runs import RunDir, pid_alive, read_json, write_json
+from cqkd.nets.teacher import file_digest
+from cqkd.train.checkpoints import resume_checkpoint
+from cqkd.train.fit import fit_run
 
 SWEEP_FILE = "sweep.json"
+
+
 TOP_LEVEL = ("base", "teachers", "supervised", "distill", "budget_minutes", "description")
+
+
 GROUPS = ("teachers", "supervised", "distill")
-_CONFIG_KEYS = tuple(f.name for f in fields(RunConfig))
+
+
+
+
 # keys that always appear in a run's directory name, in this order, with these short names
 _NAME_KEYS = {
     "supervised": (("model", "model"), ("size", "size")),
     "distill": (("teacher", "teacher"), ("model", "model"), ("size", "size"), ("temperature", "T"),
                 ("teacher_calibration", "tcal"), ("alpha", "alpha")),
 }
+
+
 _SAFE = re.compile(r"[^A-Za-z0-9._+-]")
 
-
-# ------------------------------------------------------------------------------ the plan
 
 @dataclass
 class PlannedRun:
@@ -105,7 +116,7 @@ def load_sweep(path: str | os.PathLike, out: str | os.PathLike) -> SweepPlan:
     return plan_sweep(raw, out, where=str(path))
 
 
-def _check_keys(section: dict[str, Any], where: str, allowed: Iterable[str] = _CONFIG_KEYS,
+def _check_keys(section: dict[str, Any], where: str, allowed: Iterable[str] = CONFIG_KEYS,
                 forbidden: Iterable[str] = ("kind",)) -> None:
     import difflib
 
@@ -272,8 +283,6 @@ def _point_text(point: dict[str, Any]) -> str:
     return "(" + ", ".join(f"{k}={v}" for k, v in point.items()) + ")"
 
 
-# ------------------------------------------------------------------------------ state
-
 def _abs_teacher(cfg: RunConfig) -> RunConfig:
     if cfg.teacher:
         return RunConfig.from_dict({**cfg.to_dict(), "teacher": os.path.abspath(cfg.teacher)})
@@ -286,7 +295,6 @@ def config_digest(cfg: RunConfig) -> str:
 
 
 def weights_digest(run_dir: Path) -> str | None:
-    from cqkd.teacher import file_digest
 
     w = RunDir(run_dir).weights_file
     return file_digest(w) if w.exists() else None
@@ -321,8 +329,6 @@ def is_done(run: PlannedRun, state: dict[str, Any], teacher_weights: dict[str, s
             return False
     return True
 
-
-# ------------------------------------------------------------------------------ running
 
 @dataclass
 class SweepResult:
@@ -402,8 +408,7 @@ def run_sweep(plan: SweepPlan, force: bool = False, dry_run: bool = False, progr
             + (f", about {_fmt_duration(guess)} at the speed of the finished ones" if guess is not None else ""))
         return SweepResult(skipped=[r.name for r in done])
 
-    if fit is None:
-        from cqkd.training import fit_run as fit
+    fit = fit or fit_run
     plan.out.mkdir(parents=True, exist_ok=True)
     with _lock(plan.out):
         state, todo, done, est = _assess(plan, force)
@@ -567,7 +572,6 @@ def _how_to_start(rd: RunDir, cfg: RunConfig, force: bool) -> dict[str, Any]:
     if force or rd.is_finished or _stored_digest(rd) != config_digest(cfg):
         return {"force": True}
     try:
-        from cqkd.robust import resume_checkpoint
 
         ckpt = resume_checkpoint(rd, cfg)
     except CqkdError as e:

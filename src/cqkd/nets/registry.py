@@ -37,8 +37,6 @@ def register_model(name: str, family: str, description: str, min_size: int = 1):
     return wrap
 
 
-# --------------------------------------------------------------------------- small CNNs
-
 def _conv_bn(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
@@ -80,8 +78,6 @@ def cnn_small(num_classes: int, in_channels: int, input_size: int) -> nn.Module:
 def cnn_large(num_classes: int, in_channels: int, input_size: int) -> nn.Module:
     return SmallCNN(num_classes, in_channels, input_size, (32, 64, 128), depth=2, dropout=0.2)
 
-
-# --------------------------------------------------------------------------- torchvision / timm
 
 def _adapt_stem(model: nn.Module, in_channels: int) -> nn.Module:
     """Rebuild the first convolution for ``in_channels`` inputs (e.g. 1 for grayscale)."""

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from cqkd.core.rundir import list_runs
+from cqkd.nets.registry import MODELS, build_model, count_flops, count_params
+
 _MAIN_KEYS = ("top1", "top5", "nll", "brier", "ece", "adaptive_ece", "classwise_ece", "mce", "rmsce",
               "ece_over", "ece_under", "entropy", "confidence")
 
@@ -56,7 +59,6 @@ def print_rows(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]
 
 def models_table(size: int, channels: int, classes: int) -> None:
     """Print the model registry with parameters and forward FLOPs at ``size``."""
-    from cqkd.models import MODELS, build_model, count_flops, count_params
 
     rows = []
     for name, spec in MODELS.items():
@@ -76,7 +78,6 @@ def runs_table(root: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from cqkd.runs import list_runs
 
     rows = list_runs(root)
     table = Table(title=f"runs under {root}", show_header=True)

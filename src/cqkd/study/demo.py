@@ -6,15 +6,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cqkd.runs import RunDir, write_text
+from cqkd.core.io import write_text
+from cqkd.core.rundir import RunDir
+from cqkd.study.sweep import plan_sweep, run_sweep
+from cqkd.study.tables import markdown_table, print_rows
 
 # The default study: a 28 px teacher; supervised and CQKD students at 14 and 7 px.
 # Sized to finish within 20 minutes on a 2-core CPU (measured: see README).
 # The same study as a sweep file: configs/demo.yaml.
 DEMO_TEACHER = dict(model="cnn-large", size=28, epochs=4)
+
+
 DEMO_STUDENT = dict(model="cnn-small", epochs=4)
+
+
 DEMO_SIZES = (14, 7)
+
+
 DEMO_DISTILL = dict(temperature=20.0, alpha=0.5)
+
+
 DEMO_TRAIN_SAMPLES: int | None = None
 
 
@@ -39,8 +50,6 @@ def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None, epochs:
              dataset: str = "fashion-mnist") -> list[dict[str, Any]]:
     """Train the teacher, the supervised and the CQKD students (a resumable sweep); print and
     save a summary table. Runs that fail are listed as failed; the others still run."""
-    from cqkd.report import markdown_table, print_rows
-    from cqkd.sweep import plan_sweep, run_sweep
 
     out = Path(out)
     start = time.time()

@@ -17,20 +17,17 @@ used for nothing but the final report).
 
 from __future__ import annotations
 
-import gzip
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cqkd.errors import CqkdError, unknown_name
 
 SPLIT_SEED = 0  # the val split and train subsets never depend on the run's seed
-DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 @dataclass(frozen=True)
@@ -112,9 +109,9 @@ def make_loader(data: ImageData, batch_size: int, shuffle: bool, num_workers: in
     )
 
 
-# --------------------------------------------------------------------------- registry
-
 Loader = Callable[..., Splits]
+
+
 DATASETS: dict[str, Loader] = {}
 
 
@@ -123,12 +120,6 @@ def register_dataset(name: str) -> Callable[[Loader], Loader]:
         DATASETS[name] = fn
         return fn
     return wrap
-
-
-def _register_builtin() -> None:
-    """Import the modules that register datasets beyond the ones in this file."""
-    import cqkd.data_cifar  # noqa: F401
-    import cqkd.data_folder  # noqa: F401
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
@@ -140,7 +131,6 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
     (e.g. ``crop_size``, ``skip_bad_images``, ``augment``) go to the datasets that take them
     and are ignored by the others.
     """
-    _register_builtin()
     if name not in DATASETS:
         raise unknown_name("dataset", name, DATASETS)
     if data_dir is not None and not Path(data_dir).is_dir():
@@ -188,126 +178,13 @@ def hold_out(data: ImageData, val_size: int, seed: int = SPLIT_SEED) -> tuple[Im
     return data.subset(train_idx), data.subset(val_idx)
 
 
-# --------------------------------------------------------------------------- Fashion-MNIST
-
-FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-_IDX_FILES = {
-    "train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte",
-}
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (gzipped or not) into a numpy array."""
-    opener = gzip.open if path.suffix == ".gz" else open
+def check_data_dir(data_dir: str | None) -> None:
+    """A --data-dir that exists must also be readable (load_dataset checks that it exists)."""
+    if data_dir is None or not Path(data_dir).is_dir():
+        return
+    if not os.access(data_dir, os.R_OK | os.X_OK):
+        raise CqkdError(f"--data-dir {data_dir!r} is not readable (permission denied)")
     try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:
-        raise CqkdError(f"cannot read {path}: {e}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise CqkdError(f"{path} is not an unsigned-byte IDX file")
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    offset = 4 + 4 * ndim
-    expected = int(np.prod(dims))
-    if len(raw) - offset != expected:
-        raise CqkdError(f"{path} is truncated or corrupt ({len(raw) - offset} bytes of data, expected {expected})")
-    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
-
-
-def _find_idx_dir(candidates: list[Path]) -> Path | None:
-    for d in candidates:
-        if all((d / f).exists() or (d / f"{f}.gz").exists() for f in _IDX_FILES.values()):
-            return d
-    return None
-
-
-def _idx_path(d: Path, stem: str) -> Path:
-    return d / stem if (d / stem).exists() else d / f"{stem}.gz"
-
-
-def _torchvision_download() -> Path:
-    import torchvision
-
-    root = Path(os.environ.get("CQKD_CACHE", Path.home() / ".cache" / "cqkd")) / "data"
-    torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
-    torchvision.datasets.FashionMNIST(str(root), train=False, download=True)
-    return root / "FashionMNIST" / "raw"
-
-
-@register_dataset("fashion-mnist")
-def load_fashion_mnist(data_dir: str | os.PathLike | None = None, val_size: int = 5000) -> Splits:
-    """Fashion-MNIST (Xiao et al., 2017): 60,000 training and 10,000 test images, 28x28 gray.
-
-    Looked up in ``data_dir`` (IDX files, gzipped or not, directly or under FashionMNIST/raw),
-    then in Debian's ``dataset-fashion-mnist`` package, then downloaded by torchvision.
-    """
-    if data_dir is not None:
-        d = Path(data_dir)
-        found = _find_idx_dir([d, d / "FashionMNIST" / "raw", d / "fashion-mnist", d / "raw"])
-        if found is None:
-            raise CqkdError(f"no Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz], ...) in --data-dir {str(d)!r}")
-    else:
-        found = _find_idx_dir([DEBIAN_FASHION_MNIST])
-        if found is None:
-            try:
-                found = _torchvision_download()
-            except Exception as e:  # no internet, blocked, disk full...
-                raise CqkdError(
-                    "Fashion-MNIST not found: pass --data-dir DIR holding its IDX files, or install "
-                    "Debian's package (apt-get install dataset-fashion-mnist), or allow torchvision "
-                    f"to download it (download failed: {type(e).__name__})") from None
-    arrays = {k: read_idx(_idx_path(found, stem)) for k, stem in _IDX_FILES.items()}
-    train = ImageData(torch.from_numpy(arrays["train_images"].copy()).unsqueeze(1),
-                      torch.from_numpy(arrays["train_labels"].astype(np.int64)))
-    test = ImageData(torch.from_numpy(arrays["test_images"].copy()).unsqueeze(1),
-                     torch.from_numpy(arrays["test_labels"].astype(np.int64)))
-    train, val = hold_out(train, val_size)
-    info = DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), FASHION_CLASSES)
-    return Splits(info, train, val, test, source=str(found))
-
-
-# --------------------------------------------------------------------------- synthetic
-
-def make_synthetic(n: int, seed: int, size: int = 28, num_classes: int = 10) -> ImageData:
-    """Deterministic synthetic images whose class lives partly in fine detail.
-
-    Class ``c`` = (coarse group ``c // 2``, fine bit ``c % 2``). The coarse group sets the
-    vertical position of a soft blob (visible at any resolution, invariant to horizontal
-    flips); the fine bit sets the orientation of period-2 stripes inside the blob, which a
-    low-pass resize to half the size or less averages away. A low-resolution classifier can
-    therefore only find the group, the full-resolution one can find the class.
-    """
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % num_classes
-    labels = labels[torch.randperm(n, generator=g)]
-    groups = (num_classes + 1) // 2
-    coarse, fine = labels // 2, labels % 2
-    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32),
-                            torch.arange(size, dtype=torch.float32), indexing="ij")
-    centers_y = (coarse.float() + 0.5) * size / groups + torch.randint(-1, 2, (n,), generator=g)
-    centers_x = size / 2 - 0.5 + torch.randint(-2, 3, (n,), generator=g)
-    sigma = size / (2.2 * groups) + 1.5
-    blob = torch.exp(-((yy - centers_y.view(-1, 1, 1)) ** 2 + (xx - centers_x.view(-1, 1, 1)) ** 2) / (2 * sigma**2))
-    horizontal = ((yy.long() % 2) == 0).float()
-    vertical = ((xx.long() % 2) == 0).float()
-    stripes = torch.where(fine.view(-1, 1, 1) == 0, horizontal, vertical)
-    amplitude = 0.7 + 0.3 * torch.rand(n, 1, 1, generator=g)
-    img = amplitude * blob * (0.35 + 0.65 * stripes) + 0.08 * torch.randn(n, size, size, generator=g)
-    images = (img.clamp(0, 1) * 255).round().to(torch.uint8).unsqueeze(1)
-    return ImageData(images, labels.to(torch.int64))
-
-
-@register_dataset("synthetic")
-def load_synthetic(data_dir: str | os.PathLike | None = None, val_size: int = 500) -> Splits:
-    """A small, deterministic, in-memory dataset for tests: 4,000 train, 500 val, 1,000 test."""
-    full = make_synthetic(4000 + val_size, seed=1)
-    train, val = hold_out(full, val_size)
-    test = make_synthetic(1000, seed=2)
-    mean = float(full.images.float().mean() / 255)
-    std = float(full.images.float().std() / 255)
-    info = DatasetInfo("synthetic", 10, 1, 28, (round(mean, 4),), (round(std, 4),),
-                       tuple(f"class-{i}" for i in range(10)))
-    return Splits(info, train, val, test, source="generated")
+        next(os.scandir(data_dir), None)
+    except OSError as e:
+        raise CqkdError(f"--data-dir {data_dir!r} cannot be read: {e.strerror}") from None

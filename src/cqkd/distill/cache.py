@@ -45,15 +45,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cqkd.core.io import file_sha256
 from cqkd.errors import CqkdError
-from cqkd.runs import file_sha256
-from cqkd.views import ViewBank, apply_views, to_float
+from cqkd.views.augment import ViewBank, apply_views, to_float
 
 FORMAT = "cqkd-teacher-cache"
+
+
 VERSION = 1
+
+
 BANK_SEED = 0  # fixed, like the split seed: runs with different seeds share one cache
+
+
 LOGITS_FILE = "logits.f16"
+
+
 VIEWS_FILE = "views.i16"
+
+
 HEADER_FILE = "header.json"
 
 

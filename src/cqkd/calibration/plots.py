@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from cqkd.calibration.metrics import calibration_errors, reliability_bins
+from cqkd.core.io import atomic_write
 from cqkd.errors import CqkdError
 
 Entry = tuple[str, torch.Tensor, torch.Tensor]  # (label, logits (N, K), labels (N,))
@@ -18,7 +20,6 @@ def _save_atomic(fig, out: Path, dpi: int) -> None:
     """savefig to a temporary file in ``out``'s directory, then rename it into place."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from cqkd.runs import atomic_write
 
     FigureCanvasAgg(fig)
     atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=dpi), mode="wb")
@@ -36,7 +37,6 @@ def reliability_diagram(entries: Sequence[Entry], out: str | os.PathLike, n_bins
     """
     from matplotlib.figure import Figure
 
-    from cqkd.metrics import calibration_errors, reliability_bins
 
     if not entries:
         raise CqkdError("a reliability diagram needs at least one run")

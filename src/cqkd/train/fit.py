@@ -1,0 +1,250 @@
+"""Training on Lightning: one LightningModule for supervised and CQKD runs, and ``fit_run``.
+
+One training step, top to bottom (see ``CQKDModule.training_step``)::
+
+    x, y, idx   = batch                                  uint8 full-resolution images, dataset indices
+    x_hr, z_t   = source(x, idx, g)                      a bank view of each image and the teacher's
+                                                         logits on it (network or cache, same values)
+    x_lr        = degrade(x_hr)                          the student's view of that crop
+    z_s         = student(normalise(x_lr))
+    loss        = (1-α)·CE(z_s, y) + α·T²·KL(softmax(z_t/(T_cal·T)) ‖ softmax(z_s/T))
+
+Supervised runs draw a fresh random view of each image instead (``ViewSpec.sample``) and have no
+``z_t``; see ``cqkd.teacher_source`` for the view bank and the teacher cache.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cqkd import __version__
+from cqkd.calibration.metrics import all_metrics, mean_kl
+from cqkd.calibration.plots import reliability_diagram
+from cqkd.core.config import RunConfig
+from cqkd.core.io import atomic_write, save_tensors, write_json
+from cqkd.core.rundir import RunDir
+from cqkd.data.folder import skipped_files
+from cqkd.data.registry import DatasetInfo, Splits, check_data_dir, make_loader
+from cqkd.errors import CqkdError, RunFailed, RunInterrupted
+from cqkd.nets.registry import count_flops, count_params
+from cqkd.nets.teacher import Teacher, load_teacher, load_weights
+from cqkd.train.calibrate import teacher_temperature
+from cqkd.train.checkpoints import check_teacher, check_weights, checkpoint_step, resume_checkpoint
+from cqkd.train.guard import RunGuard, SigtermOutsideFit, shuffle_generator
+from cqkd.train.module import CQKDModule
+from cqkd.train.setup import build_student, is_rank_zero, load_splits, make_trainer
+
+
+def prepare(cfg: RunConfig) -> tuple[Splits, nn.Module, Teacher | None]:
+    """Load data, teacher (frozen, with its T_cal where asked for) and student for ``cfg``.
+
+    The student is initialised from ``cfg.seed`` (the global generators are seeded last, so that
+    the initialisation does not depend on whatever loading the teacher drew from them)."""
+    splits = load_splits(cfg)
+    info = splits.info
+    degradation = cfg.degradation_spec()
+    teacher = None
+    if cfg.kind == "distill":
+        teacher = load_teacher(cfg.teacher, info, cfg.teacher_model, cfg.teacher_weights)
+        if degradation.size > teacher.input_size:
+            raise CqkdError(f"--size {degradation.size} is larger than the teacher's input ({teacher.input_size} px)")
+        if cfg.teacher_calibration == "temperature" or cfg.temperature == "calibrated":
+            if not Path(cfg.teacher or "").is_dir():
+                raise CqkdError("teacher calibration needs a teacher run directory (--teacher RUN_DIR)")
+            teacher.t_cal = teacher_temperature(cfg.teacher, fit_if_missing=True)
+        if cfg.teacher_calibration == "temperature":
+            teacher.temperature = teacher.t_cal
+    return splits, build_student(cfg, info), teacher
+
+
+def fit_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, progress: bool = True,
+            resume: bool = False) -> dict[str, Any]:
+    """Train (supervised or CQKD) as configured, writing the run directory ``out``.
+
+    With ``resume``, continue the interrupted run in ``out`` from its most advanced checkpoint
+    (see ``cqkd.robust``); its stored configuration must match ``cfg``.
+    Returns the metrics written to ``metrics.json``.
+    """
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+
+    run = RunDir(out)
+    if resume and force:
+        raise CqkdError("--resume and --force contradict each other: --resume continues the run in --out, "
+                        "--force starts it over")
+    check_data_dir(cfg.data_dir)
+    ckpt_path = resume_checkpoint(run, cfg) if resume else None  # checked before any work
+    splits, model, teacher = prepare(cfg)
+    if ckpt_path is not None and teacher is not None:
+        check_teacher(ckpt_path, teacher.digest, teacher.path)
+    if is_rank_zero():
+        run.prepare(cfg, force=force, resume=resume)
+        if resume and ckpt_path is None:
+            print(f"cqkd: {out} has no checkpoint yet; starting it from the beginning", file=sys.stderr)
+    start = time.time()
+    guard = RunGuard(run.path / "checkpoints", cfg.checkpoint_every_n_steps, cfg.seed, None,
+                     teacher.digest if teacher is not None else None)
+    trainer: Any = None
+    with SigtermOutsideFit(guard):
+        try:
+            module = CQKDModule(model, cfg, splits.info, teacher, train_data=splits.train)
+            pin = _pin_memory(cfg)
+            eval_batch = 512 if not splits.info.loader_augments else max(cfg.batch_size, 64)
+            train_loader = make_loader(splits.train, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
+                                       drop_last=len(splits.train) > cfg.batch_size, seed=cfg.seed, pin_memory=pin)
+            guard.train_generator = shuffle_generator(train_loader)
+            trainer = make_trainer(cfg, run.path, progress, extra_callbacks=[guard],
+                                   resume_step=checkpoint_step(ckpt_path) if ckpt_path else None)
+            val_loader = make_loader(splits.val, eval_batch, shuffle=False, num_workers=cfg.num_workers,
+                                     pin_memory=pin)
+            trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
+            if trainer.interrupted:
+                raise KeyboardInterrupt
+            module.load_teacher_memo(len(splits.test))  # the teacher's test outputs, if a sibling saved them
+            trainer.test(module, make_loader(splits.test, eval_batch, shuffle=False, num_workers=cfg.num_workers,
+                                             pin_memory=pin), ckpt_path="best", verbose=False)
+            metrics = collect_metrics(module, cfg, splits.info, teacher)
+            metrics.update(data_facts(cfg, splits), world_size=trainer.world_size, precision=str(trainer.precision))
+            ckpt = trainer.checkpoint_callback
+            metrics.update(best_val_top1=_float(ckpt.best_model_score), best_checkpoint=Path(ckpt.best_model_path).name,
+                           train_samples_used=len(splits.train), time_s=round(time.time() - start, 1))
+            if resume:
+                metrics["resumed_from"] = ckpt_path.name if ckpt_path else None
+            if trainer.is_global_zero:
+                save_outputs(run, module, metrics)
+                module.save_teacher_memo()
+                for name in ("step.ckpt", "interrupted.ckpt"):  # only needed to resume; keep last and best
+                    (run.checkpoint_dir / name).unlink(missing_ok=True)
+            return metrics
+        except RunInterrupted as e:
+            step = e.step or (trainer.global_step if trainer is not None else 0)
+            _mark_failed(run, "interrupted", signal=e.signal_name, step=step, checkpoint=e.checkpoint)
+            raise
+        except SIGTERMException:
+            saved = guard.saved_interrupt
+            step = trainer.global_step if trainer is not None else 0
+            _mark_failed(run, "interrupted", signal="SIGTERM", step=step, checkpoint=saved)
+            raise RunInterrupted("SIGTERM", step, saved) from None
+        except FloatingPointError as e:
+            _mark_failed(run, f"diverged: {e}")
+            raise RunFailed(f"training diverged: {e}; run {str(out)!r} marked failed "
+                            "(lower --lr, or check the data)") from None
+        except (KeyboardInterrupt, SystemExit):  # a second Ctrl-C; Lightning turns it into sys.exit(1)
+            _mark_failed(run, "interrupted")
+            raise KeyboardInterrupt from None
+        except BaseException as e:
+            _mark_failed(run, f"{type(e).__name__}: {e}")
+            raise
+
+
+def _mark_failed(run: RunDir, reason: str, **info: Any) -> None:
+    if is_rank_zero():
+        run.set_state("failed", error=reason, **info)
+
+
+def _pin_memory(cfg: RunConfig) -> bool:
+    return cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+def data_facts(cfg: RunConfig, splits: Splits) -> dict[str, Any]:
+    """What the run's data looked like beyond the config (views drawn by the loader, skipped
+    unreadable files). A collective when images are skipped: call it on every rank."""
+    facts: dict[str, Any] = dict(splits.extra) if splits.extra else {}
+    if cfg.skip_bad_images:
+
+        skipped = skipped_files(splits)
+        facts.update(skipped_images=len(skipped), skipped_files=skipped[:100])
+    return facts
+
+
+def _float(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+def collect_metrics(module: CQKDModule, cfg: RunConfig, info: DatasetInfo, teacher: Teacher | None) -> dict[str, Any]:
+    res = module.test_results
+    size = cfg.degradation_spec().output_size(info.image_size)
+    metrics: dict[str, Any] = all_metrics(res["logits"], res["labels"], cfg.ece_bins)
+    metrics.update(
+        kind=cfg.kind, dataset=cfg.dataset, model=cfg.model, size=cfg.degradation_spec().size,
+        input_size=size, degradation=cfg.degradation_spec().spec(), params=count_params(module.model),
+        flops=count_flops(module.model, info.channels, size), epochs=cfg.epochs, seed=cfg.seed,
+        train_samples=cfg.train_samples, cqkd_version=__version__, config_digest=cfg.digest(),
+    )
+    if teacher is not None:
+        metrics.update(
+            temperature=module.temperature, temperature_mode="calibrated" if cfg.temperature == "calibrated" else "fixed",
+            alpha=cfg.alpha, teacher=teacher.path, teacher_model=teacher.model_name,
+            teacher_calibration=cfg.teacher_calibration, t_cal=teacher.t_cal,
+            teacher_temperature_applied=module.teacher_temperature,
+            teacher_metrics=_summary(all_metrics(res["teacher_logits"], res["labels"], cfg.ece_bins)),
+            teacher_lr_metrics=_summary(all_metrics(res["teacher_lr_logits"], res["labels"], cfg.ece_bins)),
+            kl_teacher_student=mean_kl(res["teacher_logits"], res["logits"]),
+        )
+        if module.source is not None:
+            metrics.update(module.source.describe())
+        elif info.loader_augments:
+            metrics.update(teacher_cache=cfg.teacher_cache, teacher_source="online",
+                           teacher_source_reason="the loader draws random crops: no per-image views to cache")
+    return metrics
+
+
+def _summary(m: dict[str, Any]) -> dict[str, Any]:
+    keys = ("top1", "top5", "nll", "brier", "ece", "entropy", "confidence")
+    return {k: m[k] for k in keys if k in m}
+
+
+def save_outputs(run: RunDir, module: CQKDModule, metrics: dict[str, Any]) -> None:
+    from safetensors.torch import save
+
+    res = module.test_results
+    save_tensors(run.logits_file, {k: v for k, v in res.items() if k != "idx"})
+    state = {k: v.detach().cpu().contiguous() for k, v in module.model.state_dict().items()}
+    meta = {"cqkd_version": __version__, "model": module.cfg.model, "config_digest": module.cfg.digest()}
+    atomic_write(run.weights_file, lambda f: f.write(save(state, metadata=meta)), mode="wb")
+    write_json(run.metrics_file, metrics)
+    try:  # a figure is a convenience: failing to draw it must not lose the run
+
+        reliability_diagram([(run.path.name, res["logits"], res["labels"])], run.path / "reliability.png",
+                            n_bins=module.cfg.ece_bins)
+    except Exception as e:  # noqa: BLE001
+        import warnings
+
+        warnings.warn(f"could not draw {run.path / 'reliability.png'}: {type(e).__name__}: {e}", stacklevel=2)
+    run.set_state("finished")
+
+
+def evaluate_run(path: str | os.PathLike, progress: bool = True, outputs: dict[str, torch.Tensor] | None = None,
+                 **overrides: Any) -> dict[str, Any]:
+    """Recompute a finished run's test metrics from its saved weights.
+
+    ``outputs``, if given, receives the test tensors (``logits``, ``labels``, ...)."""
+
+    run = RunDir(path)
+    stored = run.config()
+    cfg = stored.replace(**overrides) if overrides else stored
+    weights = run.require_weights()
+
+    check_weights(weights, stored)
+    splits, model, teacher = prepare(cfg)
+    load_weights(model, weights)
+    if teacher is not None and teacher.t_cal is not None and run.metrics_file.exists():
+        # report the T_cal this student was trained with, even if the teacher was recalibrated since
+        trained_t_cal = run.metrics().get("t_cal")
+        if isinstance(trained_t_cal, (int, float)) and trained_t_cal > 0:
+            teacher.t_cal = float(trained_t_cal)
+            if cfg.teacher_calibration == "temperature":
+                teacher.temperature = teacher.t_cal
+    module = CQKDModule(model, cfg, splits.info, teacher)
+    trainer = make_trainer(cfg, None, progress, devices=1, strategy="auto", num_nodes=1, logger=False)
+    trainer.test(module, make_loader(splits.test, 512, shuffle=False), verbose=False)
+    if outputs is not None:
+        outputs.update(module.test_results)
+    return collect_metrics(module, cfg, splits.info, teacher)

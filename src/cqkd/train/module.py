@@ -1,0 +1,222 @@
+"""The LightningModule of supervised and CQKD training (one training step, top to bottom)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torchmetrics
+from torch import nn
+
+from cqkd import __version__
+from cqkd.core.config import RunConfig
+from cqkd.core.io import load_tensors, save_tensors
+from cqkd.data.registry import DatasetInfo, ImageData
+from cqkd.distill.cache import BANK_SEED
+from cqkd.distill.loss import distillation_loss, supervised_loss
+from cqkd.distill.source import TeacherSource, make_teacher_source
+from cqkd.errors import CqkdError
+from cqkd.nets.teacher import Teacher
+from cqkd.views.augment import ViewBank, ViewSpec, apply_views, step_generator, to_float
+from cqkd.views.degrade import upsample_to
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel, for float images in [0, 1]."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class CQKDModule(L.LightningModule):
+    """Trains ``model`` on degraded views; with a ``teacher``, by cross-quality distillation.
+
+    The teacher is a frozen submodule: always in eval mode, never optimised, and left out of
+    the checkpoints (it is reloaded from its own run directory). To train (rather than only
+    test) with a teacher, pass the training split as ``train_data``: its views and the teacher's
+    outputs on them come from a ``TeacherSource``.
+    """
+
+    def __init__(self, model: nn.Module, cfg: RunConfig, info: DatasetInfo, teacher: Teacher | None = None,
+                 train_data: ImageData | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.info = info
+        self.degrade = cfg.degradation_spec()
+        # datasets whose loader draws the views (imagefolder: random resized crop + flip in the
+        # workers) get the identity here; the degradation still runs on the batch, on the device
+        self.views = ViewSpec(flip=False, translate=0) if info.loader_augments else ViewSpec.parse(cfg.augment)
+        self.normalize = Normalize(info.mean, info.std)
+        self.teacher_info = teacher
+        self.teacher = teacher.model if teacher is not None else None
+        if teacher is not None:
+            self.teacher_normalize = Normalize(teacher.mean, teacher.std)
+            self.teacher_temperature = teacher.temperature
+            self.temperature = teacher.t_cal if cfg.temperature == "calibrated" else float(cfg.temperature)
+            self.teacher.eval().requires_grad_(False)
+        self.source: TeacherSource | None = None
+        self.bank: ViewBank | None = None
+        if teacher is not None and train_data is not None and not info.loader_augments:
+            # (a loader that draws random crops has no per-image views to bank or cache: the
+            # teacher runs online on each batch's crops, below)
+            self.source = make_teacher_source(cfg, teacher, train_data, info.num_classes)
+        elif train_data is not None and not info.loader_augments:
+            # supervised runs draw from the same per-image bank as distillation (same k, same
+            # seed, same draws from the step generator): a supervised and a distilled student
+            # of one seed see the same views, and differ only in the loss
+            self.bank = ViewBank(self.views, len(train_data), cfg.views_per_image, BANK_SEED)
+        self.strict_loading = False  # checkpoints hold the student only
+        self.val_top1 = torchmetrics.MeanMetric()
+        self.val_nll = torchmetrics.MeanMetric()
+        self._test_outputs: list[dict[str, torch.Tensor]] = []
+        self.test_results: dict[str, torch.Tensor] = {}
+
+    # ---------------------------------------------------------------- plumbing
+    def train(self, mode: bool = True) -> "CQKDModule":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        checkpoint["cqkd"] = {"version": __version__, "config_digest": self.cfg.digest()}
+
+    def student_forward(self, x_hr: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.model(self.normalize(self.degrade(x_hr, generator)))
+
+    @torch.no_grad()
+    def teacher_forward(self, x_hr: torch.Tensor) -> torch.Tensor:
+        x = upsample_to(x_hr, self.teacher_info.input_size) if x_hr.shape[-1] != self.teacher_info.input_size else x_hr
+        return self.teacher(self.teacher_normalize(x)).float()
+
+    # ---------------------------------------------------------------- training
+    def on_fit_start(self) -> None:
+        if self.source is not None:
+            self.source.prepare(self.teacher_forward, self.device, self.global_rank, self.trainer.world_size,
+                                self.trainer.strategy.barrier, progress=self.trainer.progress_bar_callback is not None)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y, idx = batch
+        g = step_generator(self.cfg.seed, self.global_step, self.global_rank)
+        if self.source is not None:  # CQKD: a view from the image's bank and the teacher's logits on it
+            x_hr, z_t = self.source(x, idx, g)
+        elif self.bank is not None:  # supervised: a view from the image's bank, drawn as above
+            x_hr = to_float(apply_views(x, self.bank.params(idx, self.bank.draw(len(idx), g))))
+            z_t = None
+        else:  # the loader drew the views (image folders): identity here
+            x_hr = to_float(apply_views(x, self.views.sample(len(y), g)))
+            z_t = self.teacher_forward(x_hr) if self.teacher is not None else None
+        z_s = self.student_forward(x_hr, g)
+        if z_t is None:
+            terms = supervised_loss(z_s, y, self.cfg.label_smoothing)
+        else:
+            terms = distillation_loss(z_s, z_t, y, self.temperature, self.cfg.alpha, self.teacher_temperature,
+                                      self.cfg.label_smoothing)
+        if not torch.isfinite(terms["loss"]):
+            raise FloatingPointError(f"the loss became {terms['loss'].item()} at step {self.global_step}")
+        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, on_step=False, on_epoch=True,
+                      prog_bar=False, batch_size=len(y))
+        self.log("loss", terms["loss"].detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        return terms["loss"]
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y, _ = batch
+        z = self.student_forward(to_float(x))
+        self.val_top1.update((z.argmax(-1) == y).float())
+        self.val_nll.update(nn.functional.cross_entropy(z.float(), y, reduction="none"))
+        self.log("val/top1", self.val_top1, prog_bar=True, on_epoch=True)
+        self.log("val/nll", self.val_nll, prog_bar=False, on_epoch=True)
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.cfg.optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        else:
+            opt = torch.optim.SGD(params, lr=self.cfg.lr, momentum=0.9, nesterov=True, weight_decay=self.cfg.weight_decay)
+        if self.cfg.schedule == "constant":
+            return opt
+        total = int(self.trainer.estimated_stepping_batches)
+        if self.cfg.schedule == "onecycle":
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.cfg.lr, total_steps=max(total, 1))
+        else:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---------------------------------------------------------------- test
+    def test_step(self, batch, batch_idx: int) -> None:
+        x, y, idx = batch
+        x_hr = to_float(x)
+        x_lr = self.degrade(x_hr)
+        out = {"idx": idx, "labels": y, "logits": self.model(self.normalize(x_lr)).float()}
+        if self.teacher is not None and self.teacher_memo is not None:
+            rows = idx.cpu()
+            out["teacher_logits"] = self.teacher_memo["teacher_logits"][rows].to(self.device)
+            out["teacher_lr_logits"] = self.teacher_memo["teacher_lr_logits"][rows].to(self.device)
+        elif self.teacher is not None:
+            out["teacher_logits"] = self.teacher_forward(x_hr)
+            out["teacher_lr_logits"] = self.teacher_forward(upsample_to(x_lr, x_hr.shape[-1]))
+        self._test_outputs.append({k: v.detach() for k, v in out.items()})
+
+    # ------------------------------------------------------- the teacher's test outputs, shared by students
+    teacher_memo: dict[str, torch.Tensor] | None = None
+
+    def teacher_memo_path(self) -> Path | None:
+        """Where the teacher's test logits (on the full-resolution view, and on this run's
+        degraded view upsampled) are kept for other students: they depend only on the teacher's
+        weights, the test split and the degradation. None where they cannot be reused."""
+        t = self.teacher_info
+        if t is None or not t.digest or not Path(t.path).is_dir() or self.degrade.noise > 0:
+            return None
+        key = f"{t.digest}-{self.info.name}-{self.degrade.spec()}-{self.cfg.precision}"
+        return Path(t.path) / "eval" / f"test-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+
+    def load_teacher_memo(self, num_test: int) -> None:
+        path = self.teacher_memo_path()
+        self.teacher_memo = None
+        if path is None or not path.exists():
+            return
+        try:
+            memo = load_tensors(path)
+        except CqkdError:
+            return  # damaged: recomputed and rewritten
+        if all(memo.get(k) is not None and len(memo[k]) == num_test for k in ("teacher_logits", "teacher_lr_logits")):
+            self.teacher_memo = memo
+
+    def save_teacher_memo(self) -> None:
+        path = self.teacher_memo_path()
+        res = self.test_results
+        if path is None or self.teacher_memo is not None or "teacher_logits" not in res:
+            return
+        if not torch.equal(res["idx"], torch.arange(len(res["idx"]))):
+            return  # not the whole split in order
+        try:
+            save_tensors(path, {"teacher_logits": res["teacher_logits"], "teacher_lr_logits": res["teacher_lr_logits"]})
+        except OSError:
+            pass  # a read-only teacher directory: nothing to share, nothing lost
+
+    def on_test_epoch_start(self) -> None:
+        self._test_outputs = []
+
+    def on_test_epoch_end(self) -> None:
+        """Gather the test outputs of every process, drop the duplicates a distributed sampler
+        pads with, and order them by sample index: every rank ends with the same tensors."""
+        local = {k: torch.cat([o[k] for o in self._test_outputs]) for k in self._test_outputs[0]}
+        if self.trainer.world_size > 1:
+            gathered = {k: self.all_gather(v) for k, v in local.items()}
+            local = {k: v.flatten(0, 1) for k, v in gathered.items()}
+        order = torch.argsort(local["idx"])
+        idx = local["idx"][order]
+        keep = torch.ones_like(idx, dtype=torch.bool)
+        keep[1:] = idx[1:] != idx[:-1]
+        self.test_results = {k: v[order][keep].cpu() for k, v in local.items()}
+        self._test_outputs = []

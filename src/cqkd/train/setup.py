@@ -1,0 +1,74 @@
+"""Setting up a run: its data, its student (seeded), its Lightning Trainer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch import nn
+
+from cqkd.core.config import RunConfig
+from cqkd.data.registry import DatasetInfo, Splits, load_dataset
+from cqkd.errors import CqkdError
+from cqkd.nets.registry import build_model
+from cqkd.train.checkpoints import AtomicCheckpointIO
+from cqkd.train.progress import make_csv_logger
+
+
+def load_splits(cfg: RunConfig) -> Splits:
+    """The dataset splits of ``cfg``, checked against its degradation's size."""
+    splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_samples, cfg.val_size, crop_size=cfg.crop_size,
+                          skip_bad_images=cfg.skip_bad_images, augment=cfg.augment)
+    size = cfg.degradation_spec().size
+    if size > splits.info.image_size:
+        raise CqkdError(f"--size {size} is larger than the {splits.info.name} images ({splits.info.image_size} px)")
+    return splits
+
+
+def build_student(cfg: RunConfig, info: DatasetInfo) -> nn.Module:
+    """The student network, initialised from ``cfg.seed`` (seeds the global generators)."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    return build_model(cfg.model, info.num_classes, info.channels, cfg.degradation_spec().output_size(info.image_size))
+
+
+def is_rank_zero() -> bool:
+    """True in the process that owns the run directory (before and after the Trainer exists):
+    global rank 0 under torchrun/Lightning's launcher (RANK, LOCAL_RANK, NODE_RANK) and SLURM."""
+    return all(int(os.environ.get(v, 0) or 0) == 0 for v in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def make_trainer(cfg: RunConfig, run_dir: Path | None, progress: bool = True,
+                 extra_callbacks: list[Any] | None = None, resume_step: int | None = None,
+                 **overrides: Any) -> L.Trainer:
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+
+
+    if os.environ.get("CQKD_QUIET_LIGHTNING"):
+        import logging
+
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    callbacks: list[Any] = []
+    logger: Any = False
+    if run_dir is not None:
+        # an absolute dirpath, so that a resumed run (any spelling of --out) keeps its best-checkpoint state
+        callbacks.append(ModelCheckpoint(dirpath=Path(run_dir).resolve() / "checkpoints", filename="best",
+                                         monitor="val/top1", mode="max", save_last=True,
+                                         auto_insert_metric_name=False, enable_version_counter=False))
+        logger = make_csv_logger(Path(run_dir), keep_before_step=resume_step)
+    callbacks.extend(extra_callbacks or [])
+    if progress:
+        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    kwargs: dict[str, Any] = dict(
+        max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
+        num_nodes=cfg.num_nodes, precision=cfg.precision, logger=logger, callbacks=callbacks,
+        enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+        log_every_n_steps=10, enable_checkpointing=run_dir is not None,
+        plugins=[AtomicCheckpointIO()],  # atomic writes; loads only with weights_only=True
+    )
+    kwargs.update(overrides)
+    return L.Trainer(**kwargs)
+
+
