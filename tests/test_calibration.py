@@ -17,7 +17,7 @@ from cqkd.calibration.metrics import all_metrics, mean_kl, nll
 from cqkd.calibration.scaling import TemperatureScaler, read_calibration
 from cqkd.distill.loss import distillation_loss, soft_targets
 from cqkd.errors import CqkdError
-from cqkd.train.calibrate import calibrate_run, teacher_temperature
+from cqkd.train.calibrate import calibrate_run, run_t_cal
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -111,7 +111,7 @@ def test_soft_targets_with_teacher_calibration() -> None:
     expected = F.softmax(z_t / (t_cal * t), dim=-1)
     assert torch.equal(soft_targets(z_t, t, t_cal), expected)
     # the loss's KL uses the same targets: KL(p_t ‖ p_s) = Σ p_t (log p_t − log p_s)
-    terms = distillation_loss(z_s, z_t, y, t, alpha=0.5, teacher_temperature=t_cal)
+    terms = distillation_loss(z_s, z_t, y, t, alpha=0.5, t_cal=t_cal)
     log_s = F.log_softmax(z_s / t, -1)
     kl = (expected * (expected.log() - log_s)).sum(-1).mean()
     assert terms["kl"] == pytest.approx(float(kl), abs=1e-6)
@@ -188,23 +188,23 @@ def test_teacher_temperature_reads_fits_and_refits_stale(teacher: Path) -> None:
     cal_file = teacher / "calibration.json"
     cal_file.unlink(missing_ok=True)
     with pytest.raises(CqkdError, match="cqkd calibrate"):
-        teacher_temperature(str(teacher), fit_if_missing=False)
-    t = teacher_temperature(str(teacher))  # fits on val and writes the file
+        run_t_cal(str(teacher), fit_if_missing=False)
+    t = run_t_cal(str(teacher))  # fits on val and writes the file
     assert cal_file.exists() and read_calibration(teacher)["t_cal"] == t and read_calibration(teacher)["split"] == "val"
     data = json.loads(cal_file.read_text())
     data["t_cal"] = 3.0  # a value we can recognise
     cal_file.write_text(json.dumps(data))
-    assert teacher_temperature(str(teacher)) == 3.0  # read, not refitted
+    assert run_t_cal(str(teacher)) == 3.0  # read, not refitted
     data["at_bound"] = True  # e.g. a teacher right on all of val: T_cal -> 0
     cal_file.write_text(json.dumps(data))
     with pytest.warns(UserWarning, match="edge of the search range"):
-        assert teacher_temperature(str(teacher)) == 3.0
+        assert run_t_cal(str(teacher)) == 3.0
     data["at_bound"] = False
     data["weights_digest"] = "0000000000000000"  # fitted for other weights: stale
     cal_file.write_text(json.dumps(data))
     with pytest.raises(CqkdError, match="other weights"):
-        teacher_temperature(str(teacher), fit_if_missing=False)
-    assert teacher_temperature(str(teacher)) == pytest.approx(t, rel=1e-12)
+        run_t_cal(str(teacher), fit_if_missing=False)
+    assert run_t_cal(str(teacher)) == pytest.approx(t, rel=1e-12)
 
 
 def test_distillation_records_both_temperatures(teacher: Path, student: Path) -> None:
@@ -235,8 +235,9 @@ def test_training_path_uses_calibrated_soft_targets(teacher: Path, student: Path
     for temperature, expect_t in ((2.0, 2.0), ("calibrated", t_cal)):
         cfg = RunDir(student).config().replace(temperature=temperature)
         splits, model, t = training.prepare(cfg)
-        assert t.t_cal == pytest.approx(t_cal) and t.temperature == pytest.approx(t_cal)
+        assert t.t_cal == pytest.approx(t_cal)
         module = train_module.CQKDModule(model, cfg, splits.info, t)
+        assert module.step.t_cal == pytest.approx(t_cal)  # the student's cfg calibrates its teacher
         x, y = splits.train.images[:16], splits.train.labels[:16]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # self.log without a Trainer

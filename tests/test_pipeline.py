@@ -40,7 +40,7 @@ def test_loss_teacher_temperature_divides_teacher_logits():
     g = torch.Generator().manual_seed(0)
     z_s, z_t = torch.randn(8, 5, generator=g), 3 * torch.randn(8, 5, generator=g)
     y = torch.randint(0, 5, (8,), generator=g)
-    a = distillation_loss(z_s, z_t, y, temperature=3.0, alpha=0.7, teacher_temperature=2.0)
+    a = distillation_loss(z_s, z_t, y, temperature=3.0, alpha=0.7, t_cal=2.0)
     b = distillation_loss(z_s, z_t / 2.0, y, temperature=3.0, alpha=0.7)
     assert torch.allclose(a["loss"], b["loss"])
     assert torch.allclose(soft_targets(z_t, 3.0, 2.0), F.softmax(z_t / 6.0, -1))

@@ -20,70 +20,41 @@ EXIT_USAGE = 2
 EXIT_FAILED = 1
 
 
-_DEFAULTS_NOTE = "(default: %s)"
-
-
-def _default(name: str) -> Any:
-    from dataclasses import fields
-
-    from cqkd.core.config import RunConfig
-
-    return {f.name: f.default for f in fields(RunConfig)}[name]
-
-
 def _add_run_options(p: argparse.ArgumentParser, distill: bool) -> None:
-    """Options shared by train and distill. Unset options keep the RunConfig default (or the
-    value from --config), so the help shows the defaults but argparse stores nothing."""
-    S = argparse.SUPPRESS
-    d = _default
-    g = p.add_argument_group("data and views")
-    g.add_argument("--dataset", default=S, help=f"dataset name: fashion-mnist, cifar10, cifar100, imagefolder, synthetic {_DEFAULTS_NOTE % d('dataset')}")
-    g.add_argument("--data-dir", default=S, help="a local copy of the dataset (else the system copy or a download)")
-    g.add_argument("--crop-size", type=int, default=S, metavar="S", help=f"imagefolder: side of the random-resized (train) and center (eval) crop = the teacher's input {_DEFAULTS_NOTE % d('crop_size')}")
-    g.add_argument("--val-size", type=int, default=S, metavar="N", help="images held out of train as the val split (default: the dataset's)")
-    g.add_argument("--skip-bad-images", action="store_true", default=S, help="imagefolder: log, skip and count unreadable image files (default: fail naming the file)")
-    g.add_argument("--train-samples", type=int, default=S, metavar="N", help="train on a fixed class-balanced subset of N images")
-    g.add_argument("--size", type=int, default=S, metavar="S", help=f"input side length in px; images are resized to SxS {_DEFAULTS_NOTE % d('size')}")
-    g.add_argument("--resize-mode", default=S, choices=["bilinear", "bicubic", "area", "nearest"], help=f"resize interpolation {_DEFAULTS_NOTE % d('resize_mode')}")
-    g.add_argument("--degradation", default=S, metavar="SPEC", help="full degradation spec, e.g. 'size=7,mode=bicubic,blur=0.5,noise=0.02,upsample=true' (overrides --size)")
-    g.add_argument("--augment", default=S, metavar="SPEC", help=f"training views: 'flip,translate=N' or 'none' {_DEFAULTS_NOTE % d('augment')}")
-    g = p.add_argument_group("model and optimisation")
-    g.add_argument("--model", default=S, help=f"model name (see `cqkd models`) {_DEFAULTS_NOTE % d('model')}")
-    g.add_argument("--epochs", type=int, default=S, help=f"{_DEFAULTS_NOTE % d('epochs')}")
-    g.add_argument("--batch-size", type=int, default=S, help=f"{_DEFAULTS_NOTE % d('batch_size')}")
-    g.add_argument("--lr", type=float, default=S, help=f"peak learning rate {_DEFAULTS_NOTE % d('lr')}")
-    g.add_argument("--weight-decay", type=float, default=S, help=f"{_DEFAULTS_NOTE % d('weight_decay')}")
-    g.add_argument("--optimizer", default=S, choices=["adamw", "sgd"], help=f"{_DEFAULTS_NOTE % d('optimizer')}")
-    g.add_argument("--schedule", default=S, choices=["onecycle", "cosine", "constant"], help=f"learning-rate schedule {_DEFAULTS_NOTE % d('schedule')}")
-    g.add_argument("--seed", type=int, default=S, help=f"{_DEFAULTS_NOTE % d('seed')}")
-    g.add_argument("--ece-bins", type=int, default=S, help=f"equal-width bins for ECE {_DEFAULTS_NOTE % d('ece_bins')}")
-    if distill:
-        g = p.add_argument_group("distillation")
-        g.add_argument("--teacher", default=S, metavar="RUN_DIR|FILE", help="run directory of the trained teacher, or a weights file (.pt/.pth/.safetensors state dict) with --teacher-model (with --resume it comes from the stored config)")
-        g.add_argument("--teacher-model", default=S, metavar="NAME", help="the teacher's architecture for a weights file or --teacher-weights (resnet50, timm:NAME, ...)")
-        g.add_argument("--teacher-weights", default=S, metavar="NAME", help="pretrained teacher weights by name: a torchvision enum member (IMAGENET1K_V2, DEFAULT) or a timm tag (pretrained); downloaded where there is internet")
-        g.add_argument("--temperature", default=S, metavar="T", help=f"distillation temperature T > 0, or 'calibrated' for the teacher's T_cal {_DEFAULTS_NOTE % d('temperature')}")
-        g.add_argument("--alpha", type=float, default=S, help=f"weight of the soft (KL) term in [0, 1] {_DEFAULTS_NOTE % d('alpha')}")
-        g.add_argument("--teacher-calibration", default=S, choices=["none", "temperature"], help="divide the teacher's logits by its T_cal (fitted on val) before T")
-        g.add_argument("--teacher-cache", default=S, choices=["off", "auto"], help=f"auto: read the teacher's outputs from a cache next to the teacher run (built once) where that is exact; off: run the teacher every step {_DEFAULTS_NOTE % d('teacher_cache')}")
-        g.add_argument("--views-per-image", default=S, metavar="K", help=f"distil on a fixed bank of K views per image (or 'all'); see docs/performance.md {_DEFAULTS_NOTE % d('views_per_image')}")
-    g = p.add_argument_group("hardware (passed to Lightning)")
-    g.add_argument("--accelerator", default=S, help=f"cpu, gpu, auto, ... {_DEFAULTS_NOTE % d('accelerator')}")
-    g.add_argument("--devices", default=S, help=f"number of devices or 'auto' {_DEFAULTS_NOTE % d('devices')}")
-    g.add_argument("--strategy", default=S, help=f"auto, ddp, ... {_DEFAULTS_NOTE % d('strategy')}")
-    g.add_argument("--num-nodes", type=int, default=S, help=f"{_DEFAULTS_NOTE % d('num_nodes')}")
-    g.add_argument("--precision", default=S, help=f"32, 16-mixed (CUDA), bf16-mixed {_DEFAULTS_NOTE % d('precision')}")
-    g.add_argument("--num-workers", type=int, default=S, help=f"DataLoader workers {_DEFAULTS_NOTE % d('num_workers')}")
-    g = p.add_argument_group("output")
+    """The options of train and distill, one per ``RunConfig`` field (its type, default and help).
+
+    Unset options keep the RunConfig default (or the value from --config): argparse stores nothing
+    for them, and the help shows the defaults."""
+    import typing
+    from dataclasses import MISSING, fields
+
+    from cqkd.core.config import GROUPS, RunConfig
+
+    groups = {name: p.add_argument_group(name) for name in GROUPS}
+    hints = typing.get_type_hints(RunConfig)
+    for f in fields(RunConfig):
+        meta = f.metadata
+        if not meta.get("cli", False) or (meta["distill"] and not distill):
+            continue
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS}
+        help_text = meta["help"]
+        if f.default is not MISSING and f.default is not None and f.default is not False:
+            help_text += f" (default: {f.default})"
+        if hints[f.name] is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs.update(metavar=meta["metavar"], choices=meta["choices"])
+            if hints[f.name] in (int, float):
+                kwargs["type"] = hints[f.name]
+        groups[meta["group"]].add_argument("--" + f.name.replace("_", "-"), help=help_text, **kwargs)
+    g = groups["output"]
     g.add_argument("--config", metavar="YAML", help="start from this configuration (a run's config.yaml works); options override it")
     g.add_argument("--out", required=True, metavar="DIR", help="the run directory to write")
     g.add_argument("--force", action="store_true", help="overwrite a finished (or unfinished) run in --out")
     g.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out from its last checkpoint; its stored config.yaml "
                         "is the starting point and given options must not change it")
-    g.add_argument("--checkpoint-every-n-steps", type=int, default=S, metavar="N",
-                   help=f"write a resumable checkpoint every N optimizer steps, 0 = epoch ends only {_DEFAULTS_NOTE % d('checkpoint_every_n_steps')}")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--quiet", action="store_true", help="no progress display")
 
 
 _NOT_CONFIG = {"command", "func", "config", "out", "force", "quiet", "resume"}
@@ -123,19 +94,14 @@ def _config_from_args(args: argparse.Namespace, kind: str):
 
 def _check_config_keys(loaded: dict[str, Any], where: str) -> None:
     """Unknown keys and wrong types in a YAML file, reported against that file."""
-    import difflib
     import typing
-    from dataclasses import fields
 
-    from cqkd.core.config import RunConfig, _coerce
+    from cqkd.core.config import CONFIG_KEYS, RunConfig, _coerce
+    from cqkd.errors import check_keys
 
-    known = {f.name for f in fields(RunConfig)}
+    check_keys(loaded, CONFIG_KEYS, where, show_value=True)
     hints = typing.get_type_hints(RunConfig)
     for key, value in loaded.items():
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise CqkdError(f"{where}: unknown key {key!r} (value {value!r}){hint}")
         _coerce(key, value, hints[key], where)
 
 

@@ -22,6 +22,18 @@ def unknown_name(kind: str, name: str, valid: Iterable[str]) -> CqkdError:
     return CqkdError(f"unknown {kind} {name!r}{hint} (valid: {', '.join(valid)})")
 
 
+def check_keys(keys: Iterable[object], known: Iterable[str], where: str, show_value: bool = False) -> None:
+    """Reject the first key not in ``known`` with one line that suggests the closest known key
+    (and, with ``show_value``, quotes the key's value from the mapping ``keys``)."""
+    known = list(known)
+    for key in keys:
+        if not isinstance(key, str) or key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            value = f" (value {keys[key]!r})" if show_value else ""  # type: ignore[index]
+            raise CqkdError(f"{where}: unknown key {key!r}{value}{hint}")
+
+
 class RunFailed(Exception):
     """A run that started but could not finish (e.g. the loss became NaN).
 

@@ -14,7 +14,7 @@ unimodal in log T, and the search is deterministic and needs no learning rate.
 
 A run's calibration lives in ``<run>/calibration.json``: ``calibrate_run`` fits T_cal on the
 validation split (never on test) and records NLL and ECE before and after on val and test;
-``teacher_temperature`` reads it (fitting it first if absent), which is how a distillation
+``cqkd.train.calibrate.run_t_cal`` reads it (fitting it first if absent), which is how a distillation
 run with ``--teacher-calibration temperature`` or ``--temperature calibrated`` gets T_cal.
 """
 

@@ -11,82 +11,95 @@ import hashlib
 import json
 import types
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from cqkd.errors import CqkdError
+from cqkd.errors import CqkdError, check_keys
 from cqkd.views.augment import ViewSpec
 from cqkd.views.degrade import Degradation
 
 OPTIMIZERS = ("adamw", "sgd")
-
-
+SCHEDULES = ("onecycle", "cosine", "constant")
 TEACHER_CALIBRATION = ("none", "temperature")
-
-
+TEACHER_CACHE = ("auto", "off")
 PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "64", "64-true")
+RESIZE_MODES = ("bilinear", "bicubic", "area", "nearest")
+GROUPS = ("data and views", "model and optimisation", "distillation", "hardware (passed to Lightning)", "output")
+
+
+def option(default: Any, help: str, group: str, *, metavar: str | None = None, choices: tuple[str, ...] | None = None,
+           distill: bool = False, cli: bool = True) -> Any:
+    """A config field that also declares its command-line option (``cqkd.cli`` builds the parser from these)."""
+    meta = {"help": help, "group": group, "metavar": metavar, "choices": choices, "distill": distill, "cli": cli}
+    return field(default=default, metadata=meta)
+
+
+D, M, K, H, O = GROUPS
+LATE_FIELDS: frozenset[str] = frozenset()  # fields added since the study's runs (see RunConfig.digest)
 
 
 @dataclass
 class RunConfig:
-    # what to train
-    kind: str = "train"  # "train" (supervised) or "distill"
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    train_samples: int | None = None
-    model: str = "cnn-small"
-    size: int = 28  # the model's input side length; degradation = resize to this size
-    resize_mode: str = "bilinear"
-    degradation: str | None = None  # full degradation spec; overrides size/resize_mode when set
-    augment: str = "flip,translate=2"
-    # image folders (ImageNet layout) and held-out splits
-    crop_size: int = 224  # imagefolder: side of the training/eval crop = the teacher's input size
-    val_size: int | None = None  # images held out of train as "val" (None: the dataset's default)
-    skip_bad_images: bool = False  # imagefolder: log, skip and count unreadable files
-    # optimisation
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    optimizer: str = "adamw"
-    schedule: str = "onecycle"
-    seed: int = 0
-    label_smoothing: float = 0.0  # the hard-label cross-entropy's smoothing (0 = none)
-    # distillation
-    teacher: str | None = None  # a cqkd run directory, or a weights file (.pt/.pth/.safetensors)
-    teacher_model: str | None = None  # the teacher's architecture, for a weights file or pretrained weights
-    teacher_weights: str | None = None  # pretrained weights by name, e.g. IMAGENET1K_V2 (torchvision), pretrained (timm)
-    temperature: float | str = 4.0  # a number, or "calibrated" (= the teacher's T_cal)
-    alpha: float = 0.5
-    teacher_calibration: str = "none"
-    teacher_cache: str = "auto"  # "auto": reuse stored teacher outputs where exact; "off": always run it
-    # the per-image view bank every in-memory run draws its training views from: k views, or "all"
-    # (None: 8 for distillation, so that the teacher's outputs can be cached; "all" for supervised)
-    views_per_image: int | str | None = None
-    # evaluation
-    ece_bins: int = 15
-    # hardware
-    accelerator: str = "auto"
-    devices: int | str = 1
-    strategy: str = "auto"
-    num_nodes: int = 1
-    precision: str | int = "32"
-    num_workers: int = 0
-    # fault tolerance: a resumable checkpoint every N optimizer steps (0 = only at epoch ends)
-    checkpoint_every_n_steps: int = 200
+    """Everything needed to rerun a training or distillation run; each field is also a CLI option."""
+
+    kind: str = option("train", "train (supervised) or distill", D, cli=False)
+    dataset: str = option("fashion-mnist", "dataset name: fashion-mnist, cifar10, cifar100, imagefolder, synthetic", D)
+    data_dir: str | None = option(None, "a local copy of the dataset (else the system copy or a download)", D)
+    train_samples: int | None = option(None, "train on a fixed class-balanced subset of N images", D, metavar="N")
+    model: str = option("cnn-small", "model name (see `cqkd models`)", M)
+    size: int = option(28, "the student's input side length in px: images are resized to SxS", D, metavar="S")
+    resize_mode: str = option("bilinear", "resize interpolation", D, choices=RESIZE_MODES)
+    degradation: str | None = option(None, "full degradation spec, e.g. 'size=7,mode=bicubic,blur=0.5,noise=0.02,"
+                                           "upsample=true' (overrides --size and --resize-mode)", D, metavar="SPEC")
+    augment: str = option("flip,translate=2", "training views: 'flip,translate=N' or 'none'", D, metavar="SPEC")
+    crop_size: int = option(224, "imagefolder: side of the random-resized (train) and center (eval) crop = the "
+                                 "teacher's input", D, metavar="S")
+    val_size: int | None = option(None, "images held out of train as the val split (default: the dataset's)", D,
+                                  metavar="N")
+    skip_bad_images: bool = option(False, "imagefolder: log, skip and count unreadable image files (default: fail "
+                                          "naming the file)", D)
+    epochs: int = option(10, "passes over the training set", M)
+    batch_size: int = option(128, "images per optimizer step", M)
+    lr: float = option(1e-3, "peak learning rate", M)
+    weight_decay: float = option(0.01, "decoupled weight decay (AdamW) or L2 (SGD)", M)
+    optimizer: str = option("adamw", "optimizer", M, choices=OPTIMIZERS)
+    schedule: str = option("onecycle", "learning-rate schedule", M, choices=SCHEDULES)
+    seed: int = option(0, "seed of the initialisation, the data order and the views", M)
+    label_smoothing: float = option(0.0, "label smoothing of the hard-label cross-entropy (0 = none)", M)
+    teacher: str | None = option(None, "run directory of the trained teacher, or a weights file (.pt/.pth/"
+                                       ".safetensors state dict) with --teacher-model", K, metavar="RUN_DIR|FILE",
+                                 distill=True)
+    teacher_model: str | None = option(None, "the teacher's architecture for a weights file or --teacher-weights "
+                                             "(resnet50, timm:NAME, ...)", K, metavar="NAME", distill=True)
+    teacher_weights: str | None = option(None, "pretrained teacher weights by name: a torchvision enum member "
+                                               "(IMAGENET1K_V2, DEFAULT) or a timm tag (pretrained)", K,
+                                         metavar="NAME", distill=True)
+    temperature: float | str = option(4.0, "distillation temperature T > 0, or 'calibrated' for the teacher's T_cal",
+                                      K, metavar="T", distill=True)
+    alpha: float = option(0.5, "weight of the soft (KL) term in [0, 1]", K, distill=True)
+    teacher_calibration: str = option("none", "temperature: divide the teacher's logits by its T_cal (fitted on val) "
+                                              "before T", K, choices=TEACHER_CALIBRATION, distill=True)
+    teacher_cache: str = option("auto", "auto: read the teacher's outputs from a cache next to the teacher run where "
+                                        "that is exact; off: run the teacher every step", K, choices=TEACHER_CACHE,
+                                distill=True)
+    views_per_image: int | str | None = option(None, "the per-image bank of K training views (or 'all') that every "
+                                                     "in-memory run draws from (default: 8 for distill, all for "
+                                                     "train); see docs/performance.md", D, metavar="K")
+    ece_bins: int = option(15, "equal-width bins for ECE", M)
+    accelerator: str = option("auto", "cpu, gpu, auto, ...", H)
+    devices: int | str = option(1, "number of devices or 'auto'", H)
+    strategy: str = option("auto", "auto, ddp, ...", H)
+    num_nodes: int = option(1, "number of nodes", H)
+    precision: str | int = option("32", "numeric precision", H, choices=PRECISIONS)
+    num_workers: int = option(0, "DataLoader workers", H)
+    checkpoint_every_n_steps: int = option(200, "write a resumable checkpoint every N optimizer steps, 0 = epoch "
+                                                "ends only", O, metavar="N")
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "config") -> "RunConfig":
         hints = typing.get_type_hints(cls)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            import difflib
-
-            hint = difflib.get_close_matches(unknown[0], known, n=1)
-            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise CqkdError(f"{where}: unknown key {unknown[0]!r}{suggestion}")
+        check_keys(raw, CONFIG_KEYS, where)
         values = {k: _coerce(k, v, hints[k], where) for k, v in raw.items()}
         cfg = cls(**values)
         cfg.validate(where)
@@ -99,10 +112,15 @@ class RunConfig:
         return RunConfig.from_dict({**self.to_dict(), **changes})
 
     def digest(self) -> str:
-        """A short hash of the settings that determine the result (not hardware/loader knobs)."""
+        """A short hash of the settings that determine the result (not hardware/loader knobs).
+
+        Fields added after a release enter the hash only when set away from their default
+        (``LATE_FIELDS``), so that runs written before keep their digest."""
         ignore = {"accelerator", "devices", "num_workers", "data_dir", "num_nodes", "strategy",
                   "checkpoint_every_n_steps", "teacher_cache"}
-        payload = {k: v for k, v in self.to_dict().items() if k not in ignore}
+        defaults = {f.name: f.default for f in fields(self)}
+        payload = {k: v for k, v in self.to_dict().items()
+                   if k not in ignore and not (k in LATE_FIELDS and v == defaults[k])}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ validation
@@ -124,8 +142,8 @@ class RunConfig:
             raise bad("weight_decay", "must be >= 0")
         if self.optimizer not in OPTIMIZERS:
             raise bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
-        if self.schedule not in ("onecycle", "constant", "cosine"):
-            raise bad("schedule", "must be onecycle, constant or cosine")
+        if self.schedule not in SCHEDULES:
+            raise bad("schedule", f"must be one of {', '.join(SCHEDULES)}")
         if self.train_samples is not None and self.train_samples < 1:
             raise bad("train_samples", "must be at least 1")
         if isinstance(self.temperature, str):
@@ -137,7 +155,7 @@ class RunConfig:
             raise bad("alpha", "must be in [0, 1]")
         if self.teacher_calibration not in TEACHER_CALIBRATION:
             raise bad("teacher_calibration", f"must be one of {', '.join(TEACHER_CALIBRATION)}")
-        if self.teacher_cache not in ("off", "auto"):
+        if self.teacher_cache not in TEACHER_CACHE:
             raise bad("teacher_cache", "must be 'off' or 'auto'")
         if self.views_per_image is None:
             self.views_per_image = 8 if self.kind == "distill" else "all"

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import make_dataset
 
 from cqkd.data.registry import SPLIT_SEED, DatasetInfo, Splits, register_dataset
 from cqkd.errors import CqkdError
@@ -182,6 +183,11 @@ class FolderSplit(Dataset):
         return [self.paths[j] for j in np.flatnonzero(flags).tolist()]
 
 
+def _is_image(path: str) -> bool:
+    name = os.path.basename(path)
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
 def scan(root: Path, classes: tuple[str, ...] | None = None) -> tuple[list[str], torch.Tensor, tuple[str, ...]]:
     """Image paths and labels under ``root/<class>/`` (sorted), and the classes."""
     if not root.is_dir():
@@ -196,13 +202,9 @@ def scan(root: Path, classes: tuple[str, ...] | None = None) -> tuple[list[str],
         if unknown:
             raise CqkdError(f"{root} has class {unknown[0]!r} that is not in the training classes")
     index = {c: k for k, c in enumerate(classes)}
-    paths: list[str] = []
-    labels: list[int] = []
-    for c in found:
-        files = sorted(e.path for e in os.scandir(root / c)
-                       if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS))
-        paths += files
-        labels += [index[c]] * len(files)
+    samples = make_dataset(str(root), {c: index[c] for c in found}, is_valid_file=_is_image, allow_empty=True)
+    paths = [p for p, _ in samples]
+    labels = [k for _, k in samples]
     if not paths:
         raise CqkdError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     return paths, torch.tensor(labels, dtype=torch.int64), classes

@@ -35,7 +35,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -46,6 +45,7 @@ import numpy as np
 import torch
 
 from cqkd.core.io import file_sha256
+from cqkd.core.progress import Progress, say
 from cqkd.errors import CqkdError
 from cqkd.views.augment import ViewBank, apply_views, to_float
 
@@ -176,8 +176,8 @@ def build(root: Path, spec: CacheSpec, bank: ViewBank, images: torch.Tensor,
         out = np.memmap(tmp / LOGITS_FILE, dtype="<f2", mode="w+", shape=(spec.num_images * k, spec.num_classes))
         params = bank.all_params()
         per_batch = max(1, batch_size // k)
-        bar = _progress(spec.num_images * k, f"teacher cache ({spec.num_images} images x {k} views)", progress)
-        with torch.no_grad():
+        bar = Progress(spec.num_images * k, f"teacher cache ({spec.num_images} images x {k} views)", "views", progress)
+        with bar, torch.no_grad():
             for start in range(0, spec.num_images, per_batch):
                 stop = min(spec.num_images, start + per_batch)
                 x = images[start:stop].to(device).repeat_interleave(k, dim=0)
@@ -188,7 +188,6 @@ def build(root: Path, spec: CacheSpec, bank: ViewBank, images: torch.Tensor,
                                     f"expected ({len(x)}, {spec.num_classes})")
                 out[start * k:stop * k] = z.cpu().numpy().astype("<f2")
                 bar.update(len(x))
-        bar.close()
         out.flush()
         del out
         params.to(torch.int16).numpy().astype("<i2").tofile(tmp / VIEWS_FILE)
@@ -276,20 +275,4 @@ def wait_for(root: Path, spec: CacheSpec, bank: ViewBank, timeout_s: float = 24 
 
 
 def _log(message: str) -> None:
-    print(f"cqkd: {message}", file=sys.stderr)
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="view", dynamic_ncols=True, leave=False)
+    say(f"cqkd: {message}")

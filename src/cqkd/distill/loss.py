@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 
 
-def soft_targets(teacher_logits: torch.Tensor, temperature: float, teacher_temperature: float = 1.0) -> torch.Tensor:
+def soft_targets(teacher_logits: torch.Tensor, temperature: float, t_cal: float = 1.0) -> torch.Tensor:
     """softmax(z_t / (T_cal · T)): the teacher's distribution the student is trained to match."""
-    return F.softmax(teacher_logits.float() / (teacher_temperature * temperature), dim=-1)
+    return F.softmax(teacher_logits.float() / (t_cal * temperature), dim=-1)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                      temperature: float, alpha: float, teacher_temperature: float = 1.0,
+                      temperature: float, alpha: float, t_cal: float = 1.0,
                       label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
     """The CQKD loss and its terms by name: ``loss``, ``ce`` (hard labels), ``kl`` (soft targets).
 
@@ -31,7 +31,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     ce = F.cross_entropy(z_s, labels, label_smoothing=label_smoothing)
     if alpha == 0:
         return {"loss": ce, "ce": ce, "kl": torch.zeros((), device=z_s.device)}
-    log_p_t = F.log_softmax(teacher_logits.float() / (teacher_temperature * temperature), dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / (t_cal * temperature), dim=-1)
     log_p_s = F.log_softmax(z_s / temperature, dim=-1)
     kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
     loss = (1 - alpha) * ce + alpha * temperature**2 * kl

@@ -38,8 +38,7 @@ class Teacher:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     metrics: dict[str, Any] = field(default_factory=dict)
-    temperature: float = 1.0  # the temperature its logits are divided by (T_cal when calibrated)
-    t_cal: float | None = None  # the fitted calibration temperature, where one was asked for
+    t_cal: float | None = None  # its fitted calibration temperature, where one was asked for
     digest: str = ""
 
 
@@ -85,7 +84,8 @@ def _check_classes(weights: Path, model: nn.Module, path: str, info: DatasetInfo
                             f"{info.num_classes}; distil from a teacher trained on the same classes")
 
 
-def _freeze(model: nn.Module) -> nn.Module:
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no gradients: how a teacher is used, always."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -138,7 +138,7 @@ def load_teacher_file(path: Path, model_name: str | None, info: DatasetInfo) -> 
         raise CqkdError(f"{path} does not fit model {model_name!r} for {info.name!r} "
                         f"({info.num_classes} classes, {info.channels} channels): "
                         f"{' '.join(' '.join(first[:3]).split())[:300]}") from None
-    return Teacher(_freeze(model), str(path), model_name, info.image_size, info.mean, info.std,
+    return Teacher(freeze(model), str(path), model_name, info.image_size, info.mean, info.std,
                    digest=file_digest(path))
 
 
@@ -151,7 +151,7 @@ def load_teacher(path: str | None, info: DatasetInfo, model_name: str | None = N
         if not model_name:
             raise CqkdError("--teacher-weights needs --teacher-model (e.g. resnet50)")
         pre = pretrained_model(model_name, weights, info.num_classes, info.channels)
-        return Teacher(_freeze(pre.model), pre.label, model_name, info.image_size, pre.mean, pre.std,
+        return Teacher(freeze(pre.model), pre.label, model_name, info.image_size, pre.mean, pre.std,
                        digest=pre.label)
     if path is None:
         raise CqkdError("no teacher: pass --teacher RUN_DIR, --teacher FILE --teacher-model NAME, "
@@ -175,9 +175,7 @@ def load_teacher(path: str | None, info: DatasetInfo, model_name: str | None = N
             raise CqkdError(f"teacher {path!r} does not fit dataset {info.name!r} "
                             f"({info.num_classes} classes, {info.channels} channels): {e}") from None
         raise
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    freeze(model)
     metrics = run.metrics() if run.metrics_file.exists() else {}
     return Teacher(model, str(run.path), cfg.model, input_size, info.mean, info.std, metrics,
                    digest=file_digest(weights))

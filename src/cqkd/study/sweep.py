@@ -48,7 +48,7 @@ from typing import Any
 from cqkd.core.config import CONFIG_KEYS, RunConfig
 from cqkd.core.io import read_json, write_json
 from cqkd.core.rundir import RunDir, pid_alive
-from cqkd.errors import CqkdError, RunFailed, RunInterrupted
+from cqkd.errors import CqkdError, RunFailed, RunInterrupted, check_keys
 from cqkd.nets.teacher import file_digest
 from cqkd.train.checkpoints import resume_checkpoint
 from cqkd.train.fit import fit_run
@@ -118,14 +118,8 @@ def load_sweep(path: str | os.PathLike, out: str | os.PathLike) -> SweepPlan:
 
 def _check_keys(section: dict[str, Any], where: str, allowed: Iterable[str] = CONFIG_KEYS,
                 forbidden: Iterable[str] = ("kind",)) -> None:
-    import difflib
-
-    allowed = list(allowed)
+    check_keys(section, allowed, where)
     for key in section:
-        if not isinstance(key, str) or key not in allowed:
-            hint = difflib.get_close_matches(str(key), allowed, n=1)
-            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise CqkdError(f"{where}: unknown key {key!r}{suggestion}")
         if key in forbidden:
             raise CqkdError(f"{where}: key {key!r} is set by the sweep and may not be given here")
 

@@ -68,7 +68,7 @@ def calibrate_run(run_path: str | os.PathLike, split: str = "val", ece_bins: int
     return result
 
 
-def teacher_temperature(run_path: str, fit_if_missing: bool = True) -> float:
+def run_t_cal(run_path: str, fit_if_missing: bool = True) -> float:
     """T_cal of the (teacher) run in ``run_path``, from its ``calibration.json``.
 
     If the file is absent, or was fitted for other weights than the run's current

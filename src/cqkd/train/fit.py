@@ -35,7 +35,7 @@ from cqkd.data.registry import DatasetInfo, Splits, check_data_dir, make_loader
 from cqkd.errors import CqkdError, RunFailed, RunInterrupted
 from cqkd.nets.registry import count_flops, count_params
 from cqkd.nets.teacher import Teacher, load_teacher, load_weights
-from cqkd.train.calibrate import teacher_temperature
+from cqkd.train.calibrate import run_t_cal
 from cqkd.train.checkpoints import check_teacher, check_weights, checkpoint_step, resume_checkpoint
 from cqkd.train.guard import RunGuard, SigtermOutsideFit, shuffle_generator
 from cqkd.train.module import CQKDModule
@@ -58,9 +58,7 @@ def prepare(cfg: RunConfig) -> tuple[Splits, nn.Module, Teacher | None]:
         if cfg.teacher_calibration == "temperature" or cfg.temperature == "calibrated":
             if not Path(cfg.teacher or "").is_dir():
                 raise CqkdError("teacher calibration needs a teacher run directory (--teacher RUN_DIR)")
-            teacher.t_cal = teacher_temperature(cfg.teacher, fit_if_missing=True)
-        if cfg.teacher_calibration == "temperature":
-            teacher.temperature = teacher.t_cal
+            teacher.t_cal = run_t_cal(cfg.teacher, fit_if_missing=True)
     return splits, build_student(cfg, info), teacher
 
 
@@ -170,20 +168,21 @@ def _float(x: Any) -> float | None:
 
 def collect_metrics(module: CQKDModule, cfg: RunConfig, info: DatasetInfo, teacher: Teacher | None) -> dict[str, Any]:
     res = module.test_results
-    size = cfg.degradation_spec().output_size(info.image_size)
+    degradation = module.step.degradation
+    size = degradation.output_size(info.image_size)
     metrics: dict[str, Any] = all_metrics(res["logits"], res["labels"], cfg.ece_bins)
     metrics.update(
-        kind=cfg.kind, dataset=cfg.dataset, model=cfg.model, size=cfg.degradation_spec().size,
-        input_size=size, degradation=cfg.degradation_spec().spec(), params=count_params(module.model),
+        kind=cfg.kind, dataset=cfg.dataset, model=cfg.model, size=degradation.size,
+        input_size=size, degradation=degradation.spec(), params=count_params(module.model),
         flops=count_flops(module.model, info.channels, size), epochs=cfg.epochs, seed=cfg.seed,
         train_samples=cfg.train_samples, cqkd_version=__version__, config_digest=cfg.digest(),
     )
     if teacher is not None:
         metrics.update(
-            temperature=module.temperature, temperature_mode="calibrated" if cfg.temperature == "calibrated" else "fixed",
+            temperature=module.step.temperature, temperature_mode="calibrated" if cfg.temperature == "calibrated" else "fixed",
             alpha=cfg.alpha, teacher=teacher.path, teacher_model=teacher.model_name,
             teacher_calibration=cfg.teacher_calibration, t_cal=teacher.t_cal,
-            teacher_temperature_applied=module.teacher_temperature,
+            teacher_temperature_applied=module.step.t_cal,
             teacher_metrics=_summary(all_metrics(res["teacher_logits"], res["labels"], cfg.ece_bins)),
             teacher_lr_metrics=_summary(all_metrics(res["teacher_lr_logits"], res["labels"], cfg.ece_bins)),
             kl_teacher_student=mean_kl(res["teacher_logits"], res["logits"]),
@@ -240,8 +239,6 @@ def evaluate_run(path: str | os.PathLike, progress: bool = True, outputs: dict[s
         trained_t_cal = run.metrics().get("t_cal")
         if isinstance(trained_t_cal, (int, float)) and trained_t_cal > 0:
             teacher.t_cal = float(trained_t_cal)
-            if cfg.teacher_calibration == "temperature":
-                teacher.temperature = teacher.t_cal
     module = CQKDModule(model, cfg, splits.info, teacher)
     trainer = make_trainer(cfg, None, progress, devices=1, strategy="auto", num_nodes=1, logger=False)
     trainer.test(module, make_loader(splits.test, 512, shuffle=False), verbose=False)

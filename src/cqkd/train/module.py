@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,9 @@ from cqkd.distill.cache import BANK_SEED
 from cqkd.distill.loss import distillation_loss, supervised_loss
 from cqkd.distill.source import TeacherSource, make_teacher_source
 from cqkd.errors import CqkdError
-from cqkd.nets.teacher import Teacher
+from cqkd.nets.teacher import Teacher, freeze
 from cqkd.views.augment import ViewBank, ViewSpec, apply_views, step_generator, to_float
-from cqkd.views.degrade import upsample_to
+from cqkd.views.degrade import Degradation, upsample_to
 
 
 class Normalize(nn.Module):
@@ -34,6 +35,29 @@ class Normalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+
+@dataclass(frozen=True)
+class Step:
+    """What a training step needs, resolved once from the run's config and its teacher."""
+
+    degradation: Degradation  # x_hr -> x_lr
+    views: ViewSpec  # the training views (identity where the loader draws them: image folders)
+    alpha: float = 0.0  # weight of the soft term
+    temperature: float | None = None  # the distillation temperature T (None: supervised)
+    t_cal: float = 1.0  # the teacher's logits are divided by this before T (1: uncalibrated)
+    label_smoothing: float = 0.0
+
+    @classmethod
+    def resolve(cls, cfg: RunConfig, info: DatasetInfo, teacher: Teacher | None) -> "Step":
+        """The step of ``cfg`` on ``info``; ``teacher.t_cal`` is the fitted T_cal where one was asked for."""
+        views = ViewSpec(flip=False, translate=0) if info.loader_augments else ViewSpec.parse(cfg.augment)
+        step = cls(cfg.degradation_spec(), views, label_smoothing=cfg.label_smoothing)
+        if teacher is None:
+            return step
+        temperature = teacher.t_cal if cfg.temperature == "calibrated" else float(cfg.temperature)
+        t_cal = teacher.t_cal if cfg.teacher_calibration == "temperature" else 1.0
+        return replace(step, alpha=cfg.alpha, temperature=temperature, t_cal=t_cal)
 
 
 class CQKDModule(L.LightningModule):
@@ -51,18 +75,15 @@ class CQKDModule(L.LightningModule):
         self.model = model
         self.cfg = cfg
         self.info = info
-        self.degrade = cfg.degradation_spec()
-        # datasets whose loader draws the views (imagefolder: random resized crop + flip in the
-        # workers) get the identity here; the degradation still runs on the batch, on the device
-        self.views = ViewSpec(flip=False, translate=0) if info.loader_augments else ViewSpec.parse(cfg.augment)
+        self.step = Step.resolve(cfg, info, teacher)
+        self.degrade = self.step.degradation
+        self.views = self.step.views
         self.normalize = Normalize(info.mean, info.std)
         self.teacher_info = teacher
         self.teacher = teacher.model if teacher is not None else None
         if teacher is not None:
             self.teacher_normalize = Normalize(teacher.mean, teacher.std)
-            self.teacher_temperature = teacher.temperature
-            self.temperature = teacher.t_cal if cfg.temperature == "calibrated" else float(cfg.temperature)
-            self.teacher.eval().requires_grad_(False)
+            freeze(self.teacher)
         self.source: TeacherSource | None = None
         self.bank: ViewBank | None = None
         if teacher is not None and train_data is not None and not info.loader_augments:
@@ -118,10 +139,10 @@ class CQKDModule(L.LightningModule):
             z_t = self.teacher_forward(x_hr) if self.teacher is not None else None
         z_s = self.student_forward(x_hr, g)
         if z_t is None:
-            terms = supervised_loss(z_s, y, self.cfg.label_smoothing)
+            terms = supervised_loss(z_s, y, self.step.label_smoothing)
         else:
-            terms = distillation_loss(z_s, z_t, y, self.temperature, self.cfg.alpha, self.teacher_temperature,
-                                      self.cfg.label_smoothing)
+            terms = distillation_loss(z_s, z_t, y, self.step.temperature, self.step.alpha, self.step.t_cal,
+                                      self.step.label_smoothing)
         if not torch.isfinite(terms["loss"]):
             raise FloatingPointError(f"the loss became {terms['loss'].item()} at step {self.global_step}")
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, on_step=False, on_epoch=True,

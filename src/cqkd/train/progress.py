@@ -1,12 +1,16 @@
-"""Training logs: the atomic CSV log of a run."""
+"""A run's training log (metrics.csv, atomic) and its live progress (one line per epoch)."""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+
 from cqkd.core.io import atomic_write
+from cqkd.core.progress import Progress, say
 
 
 def make_csv_logger(run_dir: Path, keep_before_step: int | None = None) -> Any:
@@ -67,3 +71,43 @@ def make_csv_logger(run_dir: Path, keep_before_step: int | None = None) -> Any:
             return self._experiment
 
     return AtomicCSVLogger(save_dir=str(run_dir), name="", version="")
+
+
+class EpochProgress(L.Callback):
+    """A run's training progress: a live bar over an epoch's steps (in a terminal) and, always,
+    one line per epoch: run, epoch, time, train loss, val top-1."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.bar: Progress | None = None
+        self.started = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started = time.monotonic()
+        if trainer.is_global_zero:
+            total = trainer.num_training_batches if isinstance(trainer.num_training_batches, int) else 0
+            desc = f"{self.name} epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
+            self.bar = Progress(total, desc, "steps")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.bar is not None:
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            self.bar.update(1, f"loss {float(loss):.4f}" if loss is not None else "")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.bar is None:
+            return
+        self.bar.close()
+        self.bar = None
+        m = trainer.callback_metrics
+        parts = [f"{time.monotonic() - self.started:.1f} s"]
+        for key, label in (("train/loss", "train loss"), ("val/top1", "val top-1")):
+            if key in m:
+                parts.append(f"{label} {float(m[key]):.4f}")
+        say(f"{self.name} epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: " + ", ".join(parts))
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

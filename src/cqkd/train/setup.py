@@ -14,7 +14,7 @@ from cqkd.data.registry import DatasetInfo, Splits, load_dataset
 from cqkd.errors import CqkdError
 from cqkd.nets.registry import build_model
 from cqkd.train.checkpoints import AtomicCheckpointIO
-from cqkd.train.progress import make_csv_logger
+from cqkd.train.progress import EpochProgress, make_csv_logger
 
 
 def load_splits(cfg: RunConfig) -> Splits:
@@ -42,7 +42,7 @@ def is_rank_zero() -> bool:
 def make_trainer(cfg: RunConfig, run_dir: Path | None, progress: bool = True,
                  extra_callbacks: list[Any] | None = None, resume_step: int | None = None,
                  **overrides: Any) -> L.Trainer:
-    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
 
     if os.environ.get("CQKD_QUIET_LIGHTNING"):
@@ -59,12 +59,12 @@ def make_trainer(cfg: RunConfig, run_dir: Path | None, progress: bool = True,
                                          auto_insert_metric_name=False, enable_version_counter=False))
         logger = make_csv_logger(Path(run_dir), keep_before_step=resume_step)
     callbacks.extend(extra_callbacks or [])
-    if progress:
-        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    if progress and run_dir is not None:
+        callbacks.append(EpochProgress(Path(run_dir).name or str(run_dir)))
     kwargs: dict[str, Any] = dict(
         max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
         num_nodes=cfg.num_nodes, precision=cfg.precision, logger=logger, callbacks=callbacks,
-        enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=10, enable_checkpointing=run_dir is not None,
         plugins=[AtomicCheckpointIO()],  # atomic writes; loads only with weights_only=True
     )
