@@ -307,6 +307,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report_conditions(args: argparse.Namespace) -> int:
+    from cqkd.study.conditions import write_conditions_report
+
+    print(f"report: {write_conditions_report(args.dir, args.main, args.out)}")
+    return 0
+
+
 def _add_sweep_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
     p = add("sweep", cmd_sweep, "run a resumable grid of teacher, supervised and CQKD runs from a YAML file",
             "Run every grid point of CONFIG.yaml (base, teachers, supervised, distill) as a run directory "
@@ -320,6 +327,12 @@ def _add_sweep_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) -
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p = add("report", cmd_report, "write DIR/results.csv, DIR/report.md and figures for a sweep directory")
     p.add_argument("dir", metavar="DIR", help="a sweep output directory (with sweep.json) or any folder of runs")
+    p = add("report-conditions", cmd_report_conditions,
+            "the findings under each condition: a conditions sweep (configs/fashion-mnist-conditions.yaml) with "
+            "the main study it extends")
+    p.add_argument("dir", metavar="DIR", help="the conditions sweep's directory")
+    p.add_argument("--main", required=True, metavar="DIR", help="the main study's sweep directory")
+    p.add_argument("--out", default=None, metavar="FILE.md", help="where to write the report (default: DIR/conditions.md)")
 
 
 _EXTENSIONS.append(_add_sweep_commands)

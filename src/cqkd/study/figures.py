@@ -10,8 +10,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from scipy import stats as scipy_stats
+
 from cqkd.core.io import atomic_write
-from cqkd.study.findings import Series, _f, mean_std, pearson, settings_table, supervised_for
+from cqkd.study.findings import Series, _f, mean_std, settings_table, supervised_for
 
 _METRICS = (("top1", "test top-1"), ("ece", "ECE"), ("entropy", "mean entropy (nats)"))
 
@@ -130,7 +132,7 @@ def entropy_figure(rows: list[dict[str, Any]], series: list[Series], sizes: Any,
             ax.scatter([x for x, _ in ok], [y for _, y in ok], color=colors[i % len(colors)], label=s.label, s=22)
             xs_all += [x for x, _ in ok]
             ys_all += [y for _, y in ok]
-        r = pearson(xs_all, ys_all)
+        r = float(scipy_stats.pearsonr(xs_all, ys_all).statistic) if len(xs_all) > 2 else math.nan
         ax.set_title(f"entropy vs {label}: Pearson r = {r:.2f} (n={len(xs_all)})" if not math.isnan(r)
                      else f"entropy vs {label} (n={len(xs_all)}; r undefined)")
         ax.set_xlabel("student mean entropy (nats)")

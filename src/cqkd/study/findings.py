@@ -9,20 +9,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from cqkd.core.config import CONFIG_KEYS
+from cqkd.core.rundir import RunDir
+from cqkd.study import stats
 
 # config keys that never tell two settings apart (hardware, paths, loaders)
 _NOT_SETTING = {"data_dir", "accelerator", "devices", "strategy", "num_nodes", "precision", "num_workers",
                 "teacher_cache", "seed"}
 
 
-CORRELATION_FLOOR = 0.3
-
-
-RULE = ("*holds*: the effect has the paper's sign and |mean| > 2 × its std over seeds; "
-        "*does not hold*: the opposite sign and |mean| > 2 × std; *inconclusive*: otherwise, "
-        "or fewer than 2 seeds. A correlation must also have |mean| > 0.3 to count either way; "
-        "one with |mean| + 2 × std < 0.3 is reported as *does not hold (no relation)*.")
+RULE = ("*holds*: the 95% bootstrap CI of the effect (resampling seeds and test images) excludes 0 on the "
+        "paper's side; *reverses*: it excludes 0 on the other side; *inconclusive*: otherwise, and then "
+        "*detectable* gives the smallest effect this design would find with 80% power (2.8 × the bootstrap "
+        "standard error). p: two-sided paired t-test over seeds. Trends over T and correlations: Spearman ρ / "
+        "Pearson r with a permutation p-value (T permuted within seeds); *holds* / *reverses* at p < 0.05, "
+        "and a non-monotone relation is described by its turning point and the slope on each side.")
 
 
 def mean_std(values: list[float]) -> tuple[float, float, int]:
@@ -33,48 +37,6 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
     m = sum(v) / n
     s = math.sqrt(sum((x - m) ** 2 for x in v) / (n - 1)) if n > 1 else math.nan
     return m, s, n
-
-
-def pearson(x: list[float], y: list[float]) -> float:
-    n = len(x)
-    if n < 3:
-        return math.nan
-    mx, my = sum(x) / n, sum(y) / n
-    sxx = sum((a - mx) ** 2 for a in x)
-    syy = sum((b - my) ** 2 for b in y)
-    if sxx == 0 or syy == 0:
-        return math.nan
-    return sum((a - mx) * (b - my) for a, b in zip(x, y)) / math.sqrt(sxx * syy)
-
-
-def _ranks(x: list[float]) -> list[float]:
-    order = sorted(range(len(x)), key=lambda i: x[i])
-    ranks = [0.0] * len(x)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    return pearson(_ranks(x), _ranks(y))
-
-
-def verdict(mean: float, std: float, n: int, expected_sign: int, floor: float = 0.0) -> str:
-    """The stated rule (``RULE``). ``floor`` is the smallest |effect| that counts as one (used for
-    correlations: a consistent r of 0.03 is no relation, not a relation of the opposite sign)."""
-    if n < 2 or math.isnan(mean) or math.isnan(std):
-        return "inconclusive (fewer than 2 seeds)" if n < 2 else "inconclusive"
-    if abs(mean) > 2 * std and abs(mean) > floor:
-        return "holds" if mean * expected_sign > 0 else "does not hold"
-    if floor and abs(mean) + 2 * std < floor:
-        return f"does not hold (no relation: abs(r) < {floor:g})"
-    return "inconclusive"
 
 
 def _f(row: dict[str, Any], key: str) -> float | None:
@@ -158,73 +120,111 @@ def supervised_for(rows: list[dict[str, Any]], size: int, model: str | None = No
     return same_model or sup
 
 
-def _by_seed(rows: list[dict[str, Any]], key: str) -> dict[int, float]:
-    out = {}
+def _per_image(row: dict[str, Any]) -> stats.PerImage:
+    """The per-test-image values of a finished run (from its saved test logits; cached)."""
+    path = str(row["path"])
+    if path not in _PER_IMAGE:
+        saved = RunDir(path).test_logits()
+        _PER_IMAGE[path] = stats.per_image(saved["logits"].double().numpy(), saved["labels"].numpy())
+    return _PER_IMAGE[path]
+
+
+_PER_IMAGE: dict[str, stats.PerImage] = {}
+
+
+def by_seed(rows: list[dict[str, Any]]) -> dict[int, stats.PerImage]:
+    """One arm of a paired comparison: each seed's per-image values."""
+    return {int(r["seed"]): _per_image(r) for r in rows}
+
+
+def _effect_row(finding: int, series: str, what: str, a: list[dict[str, Any]], b: list[dict[str, Any]],
+                metric: str, sign: int) -> dict[str, Any] | None:
+    seeds = {int(r["seed"]) for r in a} & {int(r["seed"]) for r in b}
+    if not seeds:
+        return None
+    e = stats.paired_effect(by_seed([r for r in a if int(r["seed"]) in seeds]),
+                            by_seed([r for r in b if int(r["seed"]) in seeds]), metric, sign)
+    return dict(finding=finding, series=series, what=what, kind="effect", estimate=e.mean, ci=(e.ci_low, e.ci_high),
+                p=e.p, n=e.n_seeds, mde=e.mde, verdict=e.verdict, text=stats.format_effect(e))
+
+
+def _relation_rows(series: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Finding 2 clause by clause over a T series (uncalibrated teacher, fixed T)."""
+    pts = [(float(r["temperature_used"]), int(r["seed"]), _f(r, "entropy"), _f(r, "ece"), _f(r, "top1"))
+           for r in rows]
+    if len({p[0] for p in pts}) < 3:
+        return []
+    t, seed, ent, ece, top1 = (np.array(c, dtype=float) for c in zip(*pts))
+    out = []
+    for what, y, sign in (("ρ(T, entropy)", ent, +1), ("ρ(T, ECE)", ece, -1), ("ρ(T, top-1)", top1, +1)):
+        tr = stats.trend(t, y, sign, groups=seed)
+        out.append(dict(finding=2, series=series, what=what, kind="trend", estimate=tr.rho, ci=None, p=tr.p,
+                        n=tr.n, mde=None, verdict=tr.verdict, shape=tr.shape, text=stats.format_trend(tr)))
+    for what, x, y, sign in (("r(entropy, ECE)", ent, ece, -1), ("r(entropy, top-1)", ent, top1, +1)):
+        c = stats.correlation(x, y, sign)
+        out.append(dict(finding=2, series=series, what=what, kind="correlation", estimate=c.r, ci=None, p=c.p,
+                        n=c.n, mde=None, verdict=c.verdict, text=stats.format_correlation(c)))
+    return out
+
+
+def best_by_val(rows: list[dict[str, Any]]) -> tuple[tuple[str, str], list[dict[str, Any]]]:
+    """The (T, teacher calibration) setting with the best mean validation top-1, and its runs."""
+    by: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        v = _f(r, key)
-        if v is not None:
-            out[int(r["seed"])] = v
+        by[setting_of(r)].append(r)
+    key = max(by, key=lambda k: mean_std([_f(r, "best_val_top1") for r in by[k]])[0])
+    return key, by[key]
+
+
+def series_findings(label: str, rows: list[dict[str, Any]], supervised: list[dict[str, Any]],
+                    temperatures: set[float] | None = None) -> list[dict[str, Any]]:
+    """Findings 1-3 of one series (one teacher, size and data; alpha > 0), optionally on some T only."""
+    kd = [r for r in rows if r.get("temperature") != "calibrated" and (_f(r, "alpha") or 0) > 0]
+    if temperatures is not None:
+        kd = [r for r in kd if float(r["temperature"]) in temperatures]
+    out: list[dict[str, Any]] = []
+    if kd and supervised:
+        (t, tcal), best = best_by_val(kd)
+        row = _effect_row(1, label, f"top-1 CQKD (T={t}, tcal={tcal}; best by val) − supervised", best,
+                          supervised, "top1", +1)
+        out += [row] if row else []
+    unc = [r for r in kd if r.get("teacher_calibration") == "none"]
+    out += _relation_rows(label, unc)
+    cal = {(setting_of(r)[0], int(r["seed"])): r for r in kd if r.get("teacher_calibration") == "temperature"}
+    for t in sorted({k[0] for k in cal}, key=float):
+        a = [r for (tt, _), r in cal.items() if tt == t]
+        b = [r for r in unc if setting_of(r)[0] == t]
+        for metric, name, sign in (("top1", "top-1", +1), ("ece", "ECE", -1)):
+            row = _effect_row(3, label, f"{name} calibrated − uncalibrated teacher at T={t}", a, b, metric, sign)
+            out += [row] if row else []
     return out
 
 
 def findings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The three findings, measured per series; each entry has mean, std, n and a verdict."""
+    """The three findings for every series of a sweep (see ``RULE``), finding by finding."""
     result = []
     for s in distill_series(rows):
-        table = settings_table(s)
-        # finding 1: best-by-val CQKD setting vs supervised, paired by seed
-        sup = supervised_for(rows, s.size, s.model)
-        if table and sup:
-            best = max(table, key=lambda e: (e["best_val_top1"][0] if not math.isnan(e["best_val_top1"][0]) else -1))
-            kd, base = _by_seed(best["rows"], "top1"), _by_seed(sup, "top1")
-            diffs = [kd[k] - base[k] for k in sorted(set(kd) & set(base))]
-            m, sd, n = mean_std(diffs)
-            result.append(dict(finding=1, series=s.label, what=f"top-1 CQKD (T={best['T']}, tcal={best['tcal']}; "
-                                                                 "best by val) − supervised",
-                               mean=m, std=sd, n=n, verdict=verdict(m, sd, n, +1)))
-        # finding 2: within each seed, over the fixed temperatures with an uncalibrated teacher
-        fixed = [r for r in s.rows if r.get("temperature") != "calibrated" and r.get("teacher_calibration") == "none"]
-        per_seed: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        for r in fixed:
-            per_seed[int(r["seed"])].append(r)
-        n_t = max((len({_f(r, "temperature_used") for r in rs}) for rs in per_seed.values()), default=0)
-        if per_seed and n_t < 3:
-            result.append(dict(finding=2, series=s.label, what="correlations over T", mean=math.nan, std=math.nan,
-                               n=0, verdict=f"inconclusive (needs ≥ 3 fixed temperatures; has {n_t})"))
-            per_seed = {}
-        for what, fx, fy, sign, func in (
-            ("Spearman ρ(T, entropy)", "temperature_used", "entropy", +1, spearman),
-            ("Pearson r(entropy, ECE)", "entropy", "ece", -1, pearson),
-            ("Pearson r(entropy, top-1)", "entropy", "top1", +1, pearson),
-        ):
-            vals = []
-            for rs in per_seed.values():
-                pts = [(_f(r, fx), _f(r, fy)) for r in rs]
-                pts = [(a, b) for a, b in pts if a is not None and b is not None]
-                vals.append(func([a for a, _ in pts], [b for _, b in pts]))
-            m, sd, n = mean_std(vals)
-            if per_seed:
-                result.append(dict(finding=2, series=s.label, what=what, mean=m, std=sd, n=n,
-                                   verdict=verdict(m, sd, n, sign, floor=CORRELATION_FLOOR)))
-        # finding 3: calibrated − uncalibrated teacher at matched fixed T
-        cal = {(setting_of(r)[0], int(r["seed"])): r for r in s.rows
-               if r.get("teacher_calibration") == "temperature" and r.get("temperature") != "calibrated"}
-        unc = {(setting_of(r)[0], int(r["seed"])): r for r in fixed}
-        matched = sorted(set(cal) & set(unc))
-        if matched:
-            for what, key, sign in (("top-1 calibrated − uncalibrated teacher", "top1", +1),
-                                    ("ECE calibrated − uncalibrated teacher", "ece", -1)):
-                seeds: dict[int, list[float]] = defaultdict(list)
-                for t, seed in matched:
-                    a, b = _f(cal[(t, seed)], key), _f(unc[(t, seed)], key)
-                    if a is not None and b is not None:
-                        seeds[seed].append(a - b)
-                m, sd, n = mean_std([sum(v) / len(v) for v in seeds.values() if v])
-                ts = sorted({t for t, _ in matched}, key=float)
-                result.append(dict(finding=3, series=s.label, what=f"{what} (T ∈ {{{', '.join(ts)}}})",
-                                   mean=m, std=sd, n=n, verdict=verdict(m, sd, n, sign)))
+        if any((_f(r, "alpha") or 0) == 0 for r in s.rows):
+            continue  # the alpha = 0 control: see control_rows
+        result += series_findings(s.label, s.rows, supervised_for(rows, s.size, s.model))
     result.sort(key=lambda f: f["finding"])
     return result
+
+
+def control_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The alpha = 0 control against the supervised student of the same seed, per size."""
+    out = []
+    for s in distill_series(rows):
+        ctrl = [r for r in s.rows if (_f(r, "alpha") or 0) == 0]
+        sup = {int(r["seed"]): r for r in supervised_for(rows, s.size, s.model)}
+        pairs = [(r, sup[int(r["seed"])]) for r in ctrl if int(r["seed"]) in sup]
+        if not pairs:
+            continue
+        same = sum(torch.equal(RunDir(a["path"]).test_logits()["logits"], RunDir(b["path"]).test_logits()["logits"])
+                   for a, b in pairs)
+        diff = max(abs((_f(a, "top1") or 0) - (_f(b, "top1") or 0)) for a, b in pairs)
+        out.append(dict(size=s.size, seeds=len(pairs), identical=same, max_top1_diff=diff))
+    return out
 
 
 def calibration_pairs(s: Series) -> list[dict[str, Any]]:
