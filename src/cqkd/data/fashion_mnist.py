@@ -13,8 +13,6 @@ from cqkd.data.registry import DatasetInfo, ImageData, Splits, hold_out, registe
 from cqkd.errors import CqkdError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 

@@ -110,8 +110,6 @@ def make_loader(data: ImageData, batch_size: int, shuffle: bool, num_workers: in
 
 
 Loader = Callable[..., Splits]
-
-
 DATASETS: dict[str, Loader] = {}
 
 
