@@ -355,7 +355,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise CqkdError(f"--out {args.out!r} exists; pass --force to overwrite it")
     predictor = load_predictor(args.run, calibration=not args.no_calibration)
     result = predict_files(predictor, args.inputs, batch_size=args.batch_size, calibrated=not args.no_calibration,
-                           skip_bad_images=args.skip_bad_images, progress=not args.quiet and sys.stderr.isatty())
+                           skip_bad_images=args.skip_bad_images, progress=not args.quiet)
     text = format_predictions(result, args.top_k, args.format)
     if args.out:
         write_predictions(text, args.out, force=args.force)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from cqkd.core.io import write_text
+from cqkd.core.progress import Progress
 from cqkd.data.folder import BadImageError
 from cqkd.deploy.images import find_images
 from cqkd.deploy.predictor import Predictions, Predictor
@@ -52,7 +53,7 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], bat
             return e
 
     show = progress and len(files) > batch_size
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool, _ProgressBar(len(files), show) as bar:
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool, Progress(len(files), "predict", "images", show) as bar:
         for start in range(0, len(files), batch_size):
             chunk = files[start:start + batch_size]
             ok, images = [], []
@@ -67,36 +68,10 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], bat
             if images:
                 paths += ok
                 logits.append(predictor.forward_batches(torch.cat(images), batch_size))
-            bar.advance(len(chunk))
+            bar.update(len(chunk))
     if not paths:
         raise CqkdError(f"none of the {len(files)} image files could be read (first: {skipped[0][1]})")
     return FilePredictions(paths, predictor.probabilities(torch.cat(logits), calibrated), skipped)
-
-
-class _ProgressBar:
-    """A rich progress bar on stderr (images done / total), or nothing when not ``enabled``."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled, self.bar, self.task = total, enabled, None, None
-
-    def __enter__(self) -> "_ProgressBar":
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                console=Console(stderr=True), transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task("", total=self.total)
-        return self
-
-    def advance(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.advance(self.task, n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def format_predictions(result: FilePredictions, top_k: int = 5, fmt: str = "csv") -> str:
