@@ -330,9 +330,9 @@ def _add_sweep_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) -
     p = add("report-conditions", cmd_report_conditions,
             "the findings under each condition: a conditions sweep (configs/fashion-mnist-conditions.yaml) with "
             "the main study it extends")
-    p.add_argument("dir", metavar="DIR", help="the conditions sweep's directory")
+    p.add_argument("dir", nargs="+", metavar="DIR", help="the conditions sweep's directory (or several)")
     p.add_argument("--main", required=True, metavar="DIR", help="the main study's sweep directory")
-    p.add_argument("--out", default=None, metavar="FILE.md", help="where to write the report (default: DIR/conditions.md)")
+    p.add_argument("--out", default=None, metavar="FILE.md", help="where to write the report (default: the first DIR/conditions.md)")
 
 
 _EXTENSIONS.append(_add_sweep_commands)

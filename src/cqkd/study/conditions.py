@@ -15,7 +15,7 @@ from cqkd.study.tables import markdown_table
 
 TEMPERATURES = {1.0, 4.0, 16.0}  # the T every condition shares
 CLAUSES = (
-    (1, "top-1 CQKD", "F1: CQKD beats supervised (top-1)"),
+    (1, "top-1 CQKD (T=", "F1: CQKD (best T by val) beats supervised (top-1)"),
     (2, "ρ(T, entropy)", "F2a: higher T, higher entropy"),
     (2, "ρ(T, ECE)", "F2b: higher T, lower ECE"),
     (2, "ρ(T, top-1)", "F2c: higher T, higher top-1"),
@@ -96,19 +96,25 @@ def summary(groups: dict[str, list[tuple[str, list[dict]]]]) -> list[str]:
     return lines
 
 
-def write_conditions_report(cond_dir: str | os.PathLike, main_dir: str | os.PathLike,
+def write_conditions_report(cond_dirs: list[str | os.PathLike], main_dir: str | os.PathLike,
                             out: str | os.PathLike | None = None) -> Path:
-    """Write the conditions report (Markdown) for a conditions sweep and the main study it extends."""
-    cond_rows, cond_state = collect_rows(cond_dir)
+    """Write the conditions report (Markdown) for conditions sweep directories and the main study they extend."""
+    cond_rows: list[dict[str, Any]] = []
+    states = []
+    for d in cond_dirs:
+        rows, state = collect_rows(d)
+        cond_rows += rows
+        states.append((f"conditions sweep `{d}`", state))
     main_rows, main_state = collect_rows(main_dir)
     groups = conditions(main_rows, cond_rows)
-    out = Path(out) if out else Path(cond_dir) / "conditions.md"
-    lines = [f"# Conditions report: `{cond_dir}` with the main study `{main_dir}`", "",
+    out = Path(out) if out else Path(cond_dirs[0]) / "conditions.md"
+    names = ", ".join(f"`{d}`" for d in cond_dirs)
+    lines = [f"# Conditions report: {names} with the main study `{main_dir}`", "",
              "Each finding's clauses under each condition; everything not named is held equal (same test set, "
              f"the same T ∈ {{{', '.join(f'{t:g}' for t in sorted(TEMPERATURES))}}} in every condition, 5 seeds, "
              "supervised baselines trained on the same images at the same size).", "",
              "## Summary", "", *summary(groups), "", "Verdict rule: " + RULE, ""]
-    for name, state in (("conditions sweep", cond_state), ("main study", main_state)):
+    for name, state in (*states, ("main study", main_state)):
         if state.get("total_wall_s"):
             lines.append(f"Wall time of the {name}: {state['total_wall_s'] / 60:.1f} min over "
                          f"{len(state.get('invocations', []))} invocation(s).")

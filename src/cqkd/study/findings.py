@@ -177,8 +177,9 @@ def best_by_val(rows: list[dict[str, Any]]) -> tuple[tuple[str, str], list[dict[
 
 
 def series_findings(label: str, rows: list[dict[str, Any]], supervised: list[dict[str, Any]],
-                    temperatures: set[float] | None = None) -> list[dict[str, Any]]:
-    """Findings 1-3 of one series (one teacher, size and data; alpha > 0), optionally on some T only."""
+                    temperatures: set[float] | None = None, each_t: bool = False) -> list[dict[str, Any]]:
+    """Findings 1-3 of one series (one teacher, size and data; alpha > 0), optionally on some T only;
+    ``each_t`` adds finding 1 at every fixed T (uncalibrated teacher) next to the best-by-val setting."""
     kd = [r for r in rows if r.get("temperature") != "calibrated" and (_f(r, "alpha") or 0) > 0]
     if temperatures is not None:
         kd = [r for r in kd if float(r["temperature"]) in temperatures]
@@ -189,6 +190,10 @@ def series_findings(label: str, rows: list[dict[str, Any]], supervised: list[dic
                           supervised, "top1", +1)
         out += [row] if row else []
     unc = [r for r in kd if r.get("teacher_calibration") == "none"]
+    for t in sorted({setting_of(r)[0] for r in unc}, key=float) if each_t and supervised else []:
+        row = _effect_row(1, label, f"top-1 CQKD at T={t} (tcal=none) − supervised",
+                          [r for r in unc if setting_of(r)[0] == t], supervised, "top1", +1)
+        out += [row] if row else []
     out += _relation_rows(label, unc)
     cal = {(setting_of(r)[0], int(r["seed"])): r for r in kd if r.get("teacher_calibration") == "temperature"}
     for t in sorted({k[0] for k in cal}, key=float):
@@ -206,7 +211,7 @@ def findings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for s in distill_series(rows):
         if any((_f(r, "alpha") or 0) == 0 for r in s.rows):
             continue  # the alpha = 0 control: see control_rows
-        result += series_findings(s.label, s.rows, supervised_for(rows, s.size, s.model))
+        result += series_findings(s.label, s.rows, supervised_for(rows, s.size, s.model), each_t=True)
     result.sort(key=lambda f: f["finding"])
     return result
 
