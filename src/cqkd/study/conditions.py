@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cqkd.core.io import write_text
+from cqkd.study.figures import effects_figure
 from cqkd.study.findings import RULE, _f, series_findings
 from cqkd.study.report import collect_rows, findings_table
 from cqkd.study.tables import markdown_table
@@ -119,6 +120,8 @@ def write_conditions_report(cond_dirs: list[str | os.PathLike], main_dir: str | 
             lines.append(f"Wall time of the {name}: {state['total_wall_s'] / 60:.1f} min over "
                          f"{len(state.get('invocations', []))} invocation(s).")
     lines.append("")
+    if effects_figure(groups, out.parent / "figures" / "conditions-effects.png"):
+        lines += ["![paired effects per condition](figures/conditions-effects.png)", ""]
     for group, conds in groups.items():
         lines += [f"## {group}", ""]
         for label, rows in conds:

@@ -163,3 +163,32 @@ def calibration_figure(rows: list[dict[str, Any]], series: list[Series], sizes: 
     fig.suptitle("teacher calibration (temperature scaling) on and off, mean ± std over seeds")
     _save(fig, path)
     return True
+
+
+def effects_figure(groups: dict[str, list[tuple[str, list[dict[str, Any]]]]], path: Path) -> bool:
+    """Forest plot of the paired effects (finding 1, finding 3 in top-1 and ECE) with 95% CIs, per condition."""
+    panels = (("F1: top-1 CQKD − supervised", lambda r: r["finding"] == 1 and "best by val" in r["what"]),
+              ("F3: top-1 calibrated − uncalibrated teacher", lambda r: r["finding"] == 3 and r["what"].startswith("top-1")),
+              ("F3: ECE calibrated − uncalibrated teacher", lambda r: r["finding"] == 3 and r["what"].startswith("ECE")))
+    entries = [[(f"{label.split(' (')[0]}" + (f", {r['what'].rsplit(' at ', 1)[1]}" if " at T=" in r["what"] else ""), r)
+                for conds in groups.values() for label, rows in conds for r in rows if keep(r)]
+               for _, keep in panels]
+    if not any(entries):
+        return False
+    plt = _plt()
+    height = max(len(e) for e in entries) * 0.32 + 1.2
+    fig, axes = plt.subplots(1, 3, figsize=(15, height))
+    colors = {"holds": "tab:green", "reverses": "tab:red", "inconclusive": "tab:gray"}
+    for ax, (title, _), rows in zip(axes, panels, entries):
+        for i, (label, r) in enumerate(rows):
+            lo, hi = r["ci"]
+            ax.errorbar(r["estimate"], i, xerr=[[r["estimate"] - lo], [hi - r["estimate"]]], fmt="o",
+                        color=colors.get(r["verdict"], "black"), capsize=3)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=10)
+    fig.suptitle("Paired effects with 95% bootstrap CIs (green: holds, red: reverses, grey: inconclusive)")
+    fig.tight_layout()
+    _save(fig, path)
+    return True
