@@ -36,7 +36,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cqkd import __version__
 from cqkd.core.config import RunConfig
-from cqkd.core.io import atomic_write, describe_load_error
+from cqkd.core.io import atomic_write, describe_load_error, safetensors_header
 from cqkd.core.rundir import RunDir, effective_state
 from cqkd.errors import CqkdError
 
@@ -108,13 +108,7 @@ def check_checkpoint(path: Path, cfg: RunConfig) -> dict[str, Any]:
 
 def check_weights(path: Path, cfg: RunConfig) -> None:
     """Refuse a run's ``model.safetensors`` written by another cqkd version or for another config."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CqkdError(f"{path} is corrupt or not a safetensors file ({e})") from None
+    _, meta = safetensors_header(path)
     version, digest = meta.get("cqkd_version"), meta.get("config_digest")
     if version is not None and version != __version__:
         raise CqkdError(f"{path} was written by cqkd {version}, this is cqkd {__version__}; "
