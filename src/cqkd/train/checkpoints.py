@@ -131,16 +131,17 @@ def checkpoint_step(path: Path) -> int:
     return int(load_checkpoint(path).get("global_step", 0))
 
 
-def resume_checkpoint(run: RunDir, cfg: RunConfig) -> Path | None:
+def resume_checkpoint(run: RunDir, cfg: RunConfig, check_state: bool = True) -> Path | None:
     """Check that ``run`` can be resumed with ``cfg`` and return the checkpoint to resume from
-    (None when the run stopped before its first checkpoint: it then starts from scratch)."""
+    (None when the run stopped before its first checkpoint: it then starts from scratch).
+    ``check_state=False`` (ranks other than 0, started by rank 0) skips the "still running" check."""
     where = str(run.path)
     if not run.config_file.exists():
         raise CqkdError(f"--resume: {where!r} holds no run to resume (no config.yaml); drop --resume to start one")
     if run.is_finished:
         raise CqkdError(f"--resume: the run in {where!r} is already finished; nothing to resume "
                         "(pass --force without --resume to train it again)")
-    state, note = effective_state(run)
+    state, note = effective_state(run) if check_state else (None, "")
     if state == "running":
         raise CqkdError(f"--resume: the run in {where!r} is still running ({note}); stop it first")
     stored = run.config()

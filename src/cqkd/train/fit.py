@@ -64,8 +64,9 @@ def prepare(cfg: RunConfig) -> tuple[Splits, nn.Module, Teacher | None]:
 
 def check_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, resume: bool = False) -> None:
     """Everything about a run that can be checked before any work: ``--out`` (an empty or new
-    directory, or a cqkd run whose state allows it; never the teacher or inside it), the numbers
-    (``cfg`` is validated), the hardware, the data directory. Creates nothing."""
+    directory, or a cqkd run whose state allows it; never the teacher or inside it; checked by
+    the process that writes it, global rank 0), the numbers (``cfg`` is validated), the
+    hardware, the data directory. Creates nothing."""
     if resume and force:
         raise CqkdError("--resume and --force contradict each other: --resume continues the run in --out, "
                         "--force starts it over")
@@ -75,7 +76,8 @@ def check_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, resum
         if o == t or t in o.parents or o in t.parents:
             raise CqkdError(f"--out {str(out)!r} overlaps the teacher {cfg.teacher!r}; a student's run directory "
                             "must lie outside its teacher (and not contain it)")
-    run.check_out(force, resume)
+    if is_rank_zero():  # the other ranks start after rank 0 has prepared (and locked) the run
+        run.check_out(force, resume)
     check_hardware(cfg)
     check_data_dir(cfg.data_dir)
 
@@ -91,7 +93,7 @@ def fit_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, progres
     """
     check_run(cfg, out, force, resume)
     run = RunDir(out)
-    ckpt_path = resume_checkpoint(run, cfg) if resume else None  # checked before any work
+    ckpt_path = resume_checkpoint(run, cfg, check_state=is_rank_zero()) if resume else None  # before any work
     splits, model, teacher = prepare(cfg)
     if ckpt_path is not None and teacher is not None:
         check_teacher(ckpt_path, teacher.digest, teacher.path)

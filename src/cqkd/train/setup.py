@@ -71,8 +71,9 @@ def check_hardware(cfg: RunConfig) -> None:
     finally:
         for q, level in zip(quiet, levels):
             q.setLevel(level)
-    if trainer.accelerator.__class__.__name__ == "CPUAccelerator" and trainer.num_devices > cpus:
-        raise CqkdError(f"cannot run {asked} on this machine: {trainer.num_devices} CPU processes for {cpus} CPUs")
+    if trainer.accelerator.__class__.__name__ == "CPUAccelerator" and trainer.num_devices > 4 * cpus:
+        raise CqkdError(f"cannot run {asked} on this machine: {trainer.num_devices} CPU processes for {cpus} CPUs "
+                        f"(at most {4 * cpus})")
 
 
 def build_student(cfg: RunConfig, info: DatasetInfo) -> nn.Module:
