@@ -25,7 +25,7 @@ EXIT_FAILED = 1
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors on one line, like every other user mistake (exit 2)."""
 
-    def error(self, message: str) -> "typing.NoReturn":  # type: ignore[name-defined]
+    def error(self, message: str) -> typing.NoReturn:
         self.exit(EXIT_USAGE, f"cqkd: error: {self.prog}: {one_line(message)} (see `{self.prog} --help`)\n")
 
 
