@@ -438,3 +438,459 @@ def test_unreadable_data_dir(capsys, tmp_path, monkeypatch):
     code, err = cqkd(capsys, "train", *FAST, "--data-dir", data, "--out", out)
     assert code == 2 and f"--data-dir '{data}' is not readable (permission denied)" in err
     assert not out.exists()
+
+
+# ============================================================================== issue 12: nothing lost, ever
+
+import queue  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import threading  # noqa: E402
+
+
+def one_line(code: int, err: str) -> bool:
+    """Exit 2 and exactly one line on stderr, in cqkd's form."""
+    return code == 2 and err.startswith("cqkd: error: ") and err.count("\n") == 1
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (symlinks as their target text) and its bytes."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_symlink():
+            out[str(p.relative_to(root))] = os.readlink(p).encode()
+        elif p.is_file():
+            out[str(p.relative_to(root))] = p.read_bytes()
+    return out
+
+
+class Lines:
+    """The stderr lines of a subprocess, read by a thread (so waiting for one never blocks)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc, self.queue, self.seen = proc, queue.Queue(), []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.queue.put(line)
+        self.queue.put(None)
+
+    def wait_for(self, text: str, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if line is None:
+                pytest.fail(f"the process ended (rc={self.proc.wait()}) before {text!r}:\n{''.join(self.seen)[-3000:]}")
+            self.seen.append(line)
+            if text in line:
+                return
+        self.proc.kill()
+        pytest.fail(f"no {text!r} within {timeout}s:\n{''.join(self.seen)[-3000:]}")
+
+    def rest(self, timeout: float = 60.0) -> str:
+        """Wait for the process to end; all of its stderr."""
+        self.proc.wait(timeout=timeout)
+        while (line := self.queue.get(timeout=10)) is not None:
+            self.seen.append(line)
+        return "".join(self.seen)
+
+
+def spawn_in(phase: str, *argv: str) -> tuple[subprocess.Popen, Lines]:
+    """Start ``cqkd *argv`` and return once it waits in ``phase`` (test hook CQKD_TEST_HANG_IN)."""
+    proc = spawn(*argv, CQKD_TEST_HANG_IN=phase)
+    lines = Lines(proc)
+    lines.wait_for(f"cqkd-test: waiting in {phase}")
+    return proc, lines
+
+
+# ---------------------------------------------------------------- 1. cqkd deletes or overwrites only its own files
+
+def test_force_or_resume_never_write_into_a_directory_that_is_not_a_run(capsys, tmp_path):
+    p = tmp_path / "p"
+    (p / "checkpoints").mkdir(parents=True)
+    (p / "checkpoints" / "epoch=3-step=999.ckpt").write_text("x")
+    (p / "train.py").write_text("x")
+    before = snapshot(p)
+    for extra in ([], ["--force"], ["--resume"]):
+        code, err = cqkd(capsys, "train", *FAST, "--out", p, *extra)
+        assert one_line(code, err) and ("is not a cqkd run" in err or "holds no run to resume" in err), (extra, err)
+    assert snapshot(p) == before
+
+
+def test_resume_never_takes_a_config_yaml_for_a_run(capsys, tmp_path, teacher):
+    p = tmp_path / "mine"
+    p.mkdir()
+    (p / "config.yaml").write_text((teacher / "config.yaml").read_text())
+    (p / "metrics.csv").write_text("my,own\n1,2\n")
+    (p / "model.safetensors").write_text("my own weights")
+    before = snapshot(p)
+    code, err = cqkd(capsys, "train", "--out", p, "--resume", "--quiet")
+    assert one_line(code, err) and "holds no run to resume" in err, err
+    assert snapshot(p) == before
+
+
+def test_force_replaces_only_the_files_the_run_wrote(capsys, tmp_path, teacher):
+    run = _copy_run(teacher, tmp_path / "run")
+    (run / "notes.txt").write_text("mine")
+    (run / "checkpoints" / "epoch=3-step=999.ckpt").write_text("mine too")
+    code, err = cqkd(capsys, "train", *FAST, "--size", "14", "--out", run, "--force")
+    assert code == 0, err
+    assert (run / "notes.txt").read_text() == "mine"
+    assert (run / "checkpoints" / "epoch=3-step=999.ckpt").read_text() == "mine too"
+    assert status(run)["state"] == "finished"
+    marker = json.loads((run / ".cqkd-run.json").read_text())
+    assert "notes.txt" not in marker["files"] and "model.safetensors" in marker["files"]
+
+
+def test_an_unowned_file_under_a_run_file_name_is_not_overwritten(capsys, tmp_path, teacher):
+    run = _copy_run(teacher, tmp_path / "run")
+    marker = json.loads((run / ".cqkd-run.json").read_text())
+    marker["files"].remove("calibration.json")
+    (run / ".cqkd-run.json").write_text(json.dumps(marker))
+    (run / "calibration.json").write_text('{"mine": true}')
+    code, err = cqkd(capsys, "train", *FAST, "--size", "14", "--out", run, "--force")
+    assert one_line(code, err) and "calibration.json" in err and "not written by cqkd" in err, err
+    code, err = cqkd(capsys, "calibrate", run, "--quiet")
+    assert one_line(code, err) and "not written by cqkd" in err, err
+    assert (run / "calibration.json").read_text() == '{"mine": true}'
+
+
+def test_deleting_never_follows_a_symlink_out_of_the_run(capsys, tmp_path, teacher):
+    run = _copy_run(teacher, tmp_path / "run")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in ("best.ckpt", "last.ckpt", "step.ckpt"):
+        (outside / name).write_text("precious")
+    shutil.rmtree(run / "checkpoints")
+    (run / "checkpoints").symlink_to(outside)
+    code, err = cqkd(capsys, "train", *FAST, "--size", "14", "--out", run, "--force")
+    assert one_line(code, err) and "symbolic link" in err, err
+    assert sorted(p.name for p in outside.iterdir()) == ["best.ckpt", "last.ckpt", "step.ckpt"]
+    from cqkd.core.rundir import RunDir
+
+    RunDir(run).remove_owned()  # even when asked directly, nothing beyond the link is touched
+    assert sorted(p.name for p in outside.iterdir()) == ["best.ckpt", "last.ckpt", "step.ckpt"]
+
+
+def test_a_run_written_before_the_marker_is_still_a_run(capsys, tmp_path, teacher):
+    """The long experiments' runs have config.yaml and status.json but no marker."""
+    run = _copy_run(teacher, tmp_path / "old")
+    (run / ".cqkd-run.json").unlink()
+    (run / "notes.txt").write_text("mine")
+    code, err = cqkd(capsys, "evaluate", run, "--quiet")
+    assert code == 0, err
+    assert [r["state"] for r in __import__("cqkd.core.rundir", fromlist=["list_runs"]).list_runs(run)] == ["finished"]
+    code, err = cqkd(capsys, "train", *FAST, "--size", "14", "--out", run, "--force")
+    assert code == 0, err
+    assert (run / "notes.txt").read_text() == "mine" and (run / ".cqkd-run.json").exists()
+
+
+# ---------------------------------------------------------------- 2. a student never writes into its teacher
+
+def test_a_student_never_writes_into_its_teacher(capsys, tmp_path, teacher):
+    own = _copy_run(teacher, tmp_path / "teacher")
+    before = snapshot(own)
+    for out in (own, own / "student", tmp_path):
+        code, err = cqkd(capsys, "distill", *FAST, "--teacher", own, "--out", out, "--force")
+        assert one_line(code, err) and "teacher" in err, (out, err)
+    assert snapshot(own) == before
+
+
+# ---------------------------------------------------------------- 3. one writer per run
+
+def test_one_process_per_run_directory(capsys, tmp_path):
+    out = tmp_path / "busy"
+    proc = spawn("train", *KILLABLE, "--out", out, CQKD_TEST_HANG_AT_STEP="2")
+    try:
+        wait_for_step(out / "checkpoints" / "step.ckpt", 2, proc)
+        # what a second process sees in the window before the first one has written "running"
+        (out / "status.json").write_text(json.dumps({"state": "failed", "error": "interrupted"}))
+        code, err = cqkd(capsys, "train", *KILLABLE, "--out", out, "--force")
+        assert one_line(code, err), err
+        assert f"pid {proc.pid}" in err and socket.gethostname() in err
+        assert (out / "checkpoints" / "step.ckpt").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 143
+
+
+def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
+    from cqkd.core.lock import acquire
+    from cqkd.errors import CqkdError
+
+    path = tmp_path / "x.lock"
+    code = f"from cqkd.core.lock import acquire; import time; acquire({str(path)!r}, 'x'); print('held', flush=True); time.sleep(120)"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(SRC)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(CqkdError, match=f"pid {holder.pid} on {socket.gethostname()}"):
+            acquire(path, "x")
+    finally:
+        holder.kill()
+        holder.wait()
+    with acquire(path, "x"):  # the kernel released it with the process
+        with acquire(path, "x"):  # re-entrant within one process
+            pass
+
+
+# ---------------------------------------------------------------- 4. signals in every phase
+
+@pytest.mark.parametrize("sig, name, rc", [(signal.SIGTERM, "SIGTERM", 143), (signal.SIGINT, "Ctrl-C", 130)])
+def test_a_signal_stops_the_teacher_cache_build(tmp_path, teacher, sig, name, rc):
+    own = _copy_run(teacher, tmp_path / "teacher")
+    out = tmp_path / "student"
+    proc, lines = spawn_in("cache", "distill", *FAST, "--teacher", own, "--out", out)
+    assert list((own / "cache").glob(".tmp-*"))  # the build is under way
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    err = lines.rest(timeout=30)
+    assert proc.returncode == rc and time.monotonic() - t0 < 15, err
+    assert f"interrupted by {name}" in err.strip().splitlines()[-1]
+    st = status(out)
+    assert st["state"] == "failed" and st["error"] == "interrupted" and st["signal"] == name
+    assert not list((own / "cache").glob(".tmp-*")) and not list((own / "cache").glob("*/"))
+
+
+def test_a_killed_cache_build_is_cleaned_on_the_next_start(capsys, tmp_path, teacher):
+    own = _copy_run(teacher, tmp_path / "teacher")
+    proc, _ = spawn_in("cache", "distill", *FAST, "--teacher", own, "--out", tmp_path / "killed")
+    proc.kill()
+    proc.wait()
+    assert list((own / "cache").glob(".tmp-*"))
+    code, err = cqkd(capsys, "distill", *FAST, "--teacher", own, "--out", tmp_path / "next")
+    assert code == 0, err
+    assert not list((own / "cache").glob(".tmp-*"))
+    assert json.loads((tmp_path / "next" / "metrics.json").read_text())["teacher_source"] == "cache"
+
+
+@pytest.mark.parametrize("phase", ["data", "test", "calibration", "report"])
+def test_sigterm_in_every_phase(tmp_path, teacher, phase):
+    out = tmp_path / "run"
+    if phase in ("data", "test"):
+        argv = ["train", *FAST, "--out", out]
+    elif phase == "calibration":
+        out = _copy_run(teacher, tmp_path / "teacher")
+        argv = ["calibrate", out, "--quiet"]
+    else:
+        _copy_run(teacher, out / "teacher")
+        argv = ["report", out]
+    proc, lines = spawn_in(phase, *argv)
+    proc.send_signal(signal.SIGTERM)
+    err = lines.rest(timeout=30)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1].startswith("cqkd: interrupted by SIGTERM"), err
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".tmp-")]
+    if phase == "data":
+        assert not out.exists()  # stopped before a run directory was created
+    elif phase == "test":
+        assert status(out)["state"] == "failed" and status(out)["error"] == "interrupted"
+        assert not (out / "metrics.json").exists()
+    elif phase == "calibration":
+        assert not (out / "calibration.json").exists()
+    else:
+        assert not (out / "report.md").exists()
+
+
+def test_distributed_settings_that_cannot_start_fail_fast(tmp_path):
+    out = tmp_path / "run"
+    proc = spawn("train", *FAST, "--accelerator", "cpu", "--num-nodes", "2", "--out", out)
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("--num-nodes 2 on one host hangs")
+    assert one_line(proc.returncode, err) and "--num-nodes 2" in err, err
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- 5. and 6. user mistakes: one line, exit 2, before any run directory
+
+@pytest.mark.parametrize("extra, culprit", [
+    (["--seed", "-1"], "seed=-1"),
+    (["--seed", "99999999999999999999"], "seed=99999999999999999999"),
+    (["--weight-decay", "nan"], "weight_decay=nan"),
+    (["--weight-decay", "inf"], "weight_decay=inf"),
+    (["--lr", "inf"], "lr=inf"),
+    (["--lr", "nan"], "lr=nan"),
+    (["--label-smoothing", "nan"], "label_smoothing=nan"),
+    (["--accelerator", "tpu"], "--accelerator"),
+    (["--accelerator", "bogus"], "--accelerator"),
+    (["--strategy", "bogus"], "--strategy"),
+    (["--devices", "bogus"], "--devices"),
+    (["--devices", "0"], "--devices"),
+    (["--train-samples", "100000"], "--train-samples 100000 is more than the 4000 images"),
+])
+def test_more_bad_train_options(capsys, tmp_path, extra, culprit):
+    out = tmp_path / "run"
+    code, err = cqkd(capsys, "train", *FAST, *extra, "--out", out)
+    assert one_line(code, err) and culprit in err, err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_no_gpu(capsys, tmp_path):
+    out = tmp_path / "run"
+    code, err = cqkd(capsys, "train", *FAST, "--accelerator", "gpu", "--out", out)
+    assert one_line(code, err) and "--accelerator" in err, err
+    assert not out.exists()
+
+
+def test_infinite_temperature(capsys, tmp_path, teacher):
+    out = tmp_path / "run"
+    code, err = cqkd(capsys, "distill", *FAST, "--teacher", teacher, "--temperature", "inf", "--out", out)
+    assert one_line(code, err) and "temperature=inf" in err, err
+    assert not out.exists()
+
+
+def test_out_under_a_file_or_in_a_read_only_directory(capsys, tmp_path, monkeypatch):
+    f = tmp_path / "file"
+    f.write_text("x")
+    code, err = cqkd(capsys, "train", *FAST, "--out", f / "run")
+    assert one_line(code, err) and "is not a directory" in err, err
+    assert f.read_text() == "x"
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access  # (tests run as root, where chmod does not stop writing: simulate it)
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(ro) else real_access(p, mode))
+    code, err = cqkd(capsys, "train", *FAST, "--out", ro / "run")
+    assert one_line(code, err) and "not writable" in err, err
+    assert not (ro / "run").exists()
+
+
+@pytest.mark.parametrize("content, culprit", [
+    (b"\x00\x01\x02\xff\xfe binary", "not a text file"),
+    (b"\xff\xfeepochs: 1\n", "not a text file"),
+    (b"epochs: 1\nepochs: 2\n", "duplicate key 'epochs'"),
+    (b"a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
+     b"d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\ne: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\n"
+     b"f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]\ng: [*f, *f, *f, *f, *f, *f, *f, *f, *f]\n", "alias"),
+    (b"a: &a [*a]\n", "alias"),
+    (b"epochs: [\n", "is not valid YAML"),
+    (b"[" * 5000, "is not valid YAML"),
+])
+def test_bad_yaml_files(capsys, tmp_path, content, culprit):
+    config = tmp_path / "c.yaml"
+    config.write_bytes(content)
+    out = tmp_path / "run"
+    code, err = cqkd(capsys, "train", *FAST, "--config", config, "--out", out)
+    assert one_line(code, err) and culprit in err and "c.yaml" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"running"', '{"state": 5}', '{"state": "running", "pid": "x"}',
+                                     "\x00\x01", '{"state": "finished", "state": "failed"}'])
+def test_a_status_json_of_the_wrong_shape(capsys, tmp_path, teacher, content, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    run = _copy_run(teacher, tmp_path / "run")
+    (run / "status.json").write_text(content)
+    code, err = cqkd(capsys, "train", *FAST, "--size", "14", "--out", run)
+    assert one_line(code, err), err
+    assert main(["runs", "list", str(tmp_path)]) == 0
+    assert "status.json" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content", ['{"plan": 5}', '{"plan": [{"name": 1}]}', '{"runs": {"a": 3}}', "[]",
+                                     '{"plan": [{"name": "x", "group": "teachers"}], "runs": {"x": {"config": [1]}}}'])
+def test_a_sweep_json_of_the_wrong_shape(capsys, tmp_path, content):
+    d = tmp_path / "sweep"
+    d.mkdir()
+    (d / "sweep.json").write_text(content)
+    code, err = cqkd(capsys, "report", d)
+    assert one_line(code, err) and "sweep.json" in err, err
+    spec = tmp_path / "s.yaml"
+    spec.write_text("base: {dataset: synthetic, epochs: 1}\nsupervised: {size: 7}\n")
+    code, err = cqkd(capsys, "sweep", spec, "--out", d, "--dry-run")
+    assert one_line(code, err) and "sweep.json" in err, err
+
+
+class _FullDisk:
+    """A file whose writes fail with ENOSPC (what a full disk does)."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+
+    def write(self, data):
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def fill_disk(monkeypatch, name: str) -> None:
+    """Make every write of a file called ``name`` (through os.fdopen, as atomic_write opens it) fail."""
+    import cqkd.core.io as io_module
+
+    real = os.fdopen
+
+    def fdopen(fd, *args, **kwargs):
+        f = real(fd, *args, **kwargs)
+        return _FullDisk(f) if os.readlink(f"/proc/self/fd/{fd}").split("/")[-1].startswith(f".{name}.") else f
+
+    monkeypatch.setattr(io_module.os, "fdopen", fdopen)
+
+
+def test_a_full_disk(capsys, tmp_path, teacher, monkeypatch):
+    run = _copy_run(teacher, tmp_path / "run")
+    (run / "calibration.json").write_text('{"t_cal": 1.5, "method": "temperature"}')
+    fill_disk(monkeypatch, "calibration.json")
+    code, err = cqkd(capsys, "calibrate", run, "--quiet")
+    assert one_line(code, err) and "calibration.json" in err and "No space left on device" in err, err
+    assert (run / "calibration.json").read_text() == '{"t_cal": 1.5, "method": "temperature"}'
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
+    # a run that cannot write its weights: marked failed, one line, the files it had intact
+    fill_disk(monkeypatch, "model.safetensors")
+    out = tmp_path / "student"
+    code, err = cqkd(capsys, "train", *FAST, "--out", out)
+    assert one_line(code, err) and "model.safetensors" in err and "No space left on device" in err, err
+    assert status(out)["state"] == "failed" and not (out / "model.safetensors").exists()
+    # torch.save's writer reports a failed write as a RuntimeError: still one line naming the file
+    fill_disk(monkeypatch, "last.ckpt")
+    code, err = cqkd(capsys, "train", *FAST, "--out", tmp_path / "third")
+    assert one_line(code, err) and "last.ckpt" in err, err
+
+
+def test_plot_and_models_mistakes(capsys, tmp_path, teacher):
+    (tmp_path / "fig.png").mkdir()
+    code, err = cqkd(capsys, "plot", "reliability", teacher, "--out", tmp_path / "fig.png")
+    assert one_line(code, err) and "is a directory" in err, err
+    code, err = cqkd(capsys, "plot", "reliability", teacher, "--out", tmp_path)
+    assert one_line(code, err), err
+    for extra in (["--channels", "0"], ["--size", "0"], ["--classes", "0"], ["--size", "100000"]):
+        code, err = cqkd(capsys, "models", *extra)
+        assert one_line(code, err), (extra, err)
+    code, err = cqkd(capsys, "train", *FAST, "--epochs", "many", "--out", tmp_path / "r")
+    assert one_line(code, err) and "--epochs" in err, err  # argparse's own errors too
+
+
+def test_a_t_cal_fitted_on_train_is_not_used_for_distillation(capsys, tmp_path, teacher):
+    own = _copy_run(teacher, tmp_path / "teacher")
+    code, err = cqkd(capsys, "calibrate", own, "--split", "train", "--quiet")
+    assert code == 0, err
+    for extra in (["--teacher-calibration", "temperature"], ["--temperature", "calibrated"]):
+        out = tmp_path / "student"
+        code, err = cqkd(capsys, "distill", *FAST, "--teacher", own, *extra, "--out", out)
+        assert one_line(code, err) and "fitted on the train split" in err, err
+        assert not out.exists()
+
+
+def test_safetensors_are_opened_in_one_place():
+    import re
+
+    openers = re.compile(r"safe_open|load_file|safetensors\.torch import load\b")
+    users = sorted(str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if openers.search(p.read_text()))
+    assert users == ["cqkd/core/io.py"]

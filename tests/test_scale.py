@@ -94,7 +94,7 @@ def test_ddp_two_processes_metrics_match_saved_logits(tmp_path):
     assert single["top1"] == metrics["top1"]
     # rank 0 wrote the run directory alone: exactly one set of files, no per-rank copies
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    allowed = {"config.yaml", "status.json", "metrics.json", "test_logits.pt", "model.safetensors",
+    allowed = {".cqkd-run.json", ".cqkd.lock", "config.yaml", "status.json", "metrics.json", "test_logits.pt", "model.safetensors",
                "metrics.csv", "hparams.yaml", "reliability.png", "checkpoints/best.ckpt", "checkpoints/last.ckpt"}
     assert set(files) <= allowed, files
     assert {"config.yaml", "metrics.json", "test_logits.pt", "model.safetensors"} <= set(files)

@@ -286,16 +286,27 @@ def test_demo_is_the_demo_yaml_sweep(tmp_path):
 
 def test_one_sweep_at_a_time_per_directory(tmp_path):
     import os
+    import subprocess
+    import sys
+
+    from cqkd.core.lock import is_held
 
     spec = {"base": TINY, "teachers": {"bad": {"model": "no-such-net"}}}
     plan = plan_sweep(spec, tmp_path / "o")
     (tmp_path / "o").mkdir()
-    (tmp_path / "o" / ".sweep.lock").write_text(str(os.getppid()))  # a live process
-    with pytest.raises(CqkdError, match="another sweep"):
-        run_sweep(plan, progress=False, print_fn=lambda s: None)
-    (tmp_path / "o" / ".sweep.lock").write_text("999999999")  # a process that has ended
-    assert not run_sweep(plan, progress=False, print_fn=lambda s: None).ok
-    assert not (tmp_path / "o" / ".sweep.lock").exists()
+    lock = tmp_path / "o" / ".sweep.lock"
+    code = f"from cqkd.core.lock import acquire; import time; acquire({str(lock)!r}, 'x'); print('held', flush=True); time.sleep(120)"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    try:
+        assert holder.stdout.readline().strip() == "held"  # a live sweep holds the directory
+        with pytest.raises(CqkdError, match=f"in use by another cqkd process \\(pid {holder.pid} "):
+            run_sweep(plan, progress=False, print_fn=lambda s: None)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not run_sweep(plan, progress=False, print_fn=lambda s: None).ok  # the kernel released it
+    assert not is_held(lock)
 
 
 def test_unfinished_runs_continue_from_their_checkpoint(sweep, tmp_path):

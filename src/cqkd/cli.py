@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,6 +20,18 @@ EXIT_USAGE = 2
 
 
 EXIT_FAILED = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like every other user mistake (exit 2)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USAGE, f"cqkd: error: {self.prog}: {one_line(message)} (see `{self.prog} --help`)\n")
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line (a message is never allowed to spill over several)."""
+    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
 
 
 def _add_run_options(p: argparse.ArgumentParser, distill: bool) -> None:
@@ -68,22 +82,16 @@ def _config_from_args(args: argparse.Namespace, kind: str):
         from cqkd.core.rundir import RunDir
 
         run = RunDir(args.out)
-        if not run.config_file.exists():
-            raise CqkdError(f"--resume: {args.out!r} holds no run to resume (no config.yaml); drop --resume to start one")
+        if not run.is_run or not run.config_file.exists():
+            raise CqkdError(f"--resume: {args.out!r} holds no run to resume (no cqkd run there); drop --resume "
+                            "to start one")
         raw.update(run.config().to_dict())
     if args.config:
-        import yaml
+        from cqkd.core.io import read_yaml
 
-        try:
-            with open(args.config) as f:
-                loaded = yaml.safe_load(f)
-        except OSError as e:
-            raise CqkdError(f"cannot read --config {args.config!r}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise CqkdError(f"--config {args.config!r} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise CqkdError(f"--config {args.config!r} must hold a mapping of options")
-        _check_config_keys(loaded, f"--config {args.config!r}")
+        where = f"--config {args.config!r}"
+        loaded = read_yaml(args.config, name=where, what="a mapping of options")
+        _check_config_keys(loaded, where)
         raw.update(loaded)
     raw.update({k: v for k, v in vars(args).items() if k not in _NOT_CONFIG})
     raw["kind"] = kind
@@ -131,10 +139,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cqkd.train.fit import evaluate_run
 
-    if args.bootstrap < 0:
-        raise CqkdError(f"--bootstrap must be >= 0 (0 = no intervals), got {args.bootstrap}")
-    if args.ece_bins is not None and args.ece_bins < 1:
-        raise CqkdError(f"--ece-bins must be at least 1, got {args.ece_bins}")
+    _check_range("--bootstrap", args.bootstrap, 0, 1_000_000, "0 = no intervals")
+    _check_range("--bootstrap-seed", args.bootstrap_seed, 0, 2**32 - 1)
+    if args.ece_bins is not None:
+        _check_range("--ece-bins", args.ece_bins, 1, 100_000)
     overrides = {} if args.ece_bins is None else {"ece_bins": args.ece_bins}
     outputs: dict[str, Any] = {}
     metrics = evaluate_run(args.run, progress=not args.quiet, outputs=outputs, **overrides)
@@ -148,6 +156,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         intervals_table(f"95% percentile bootstrap intervals ({args.bootstrap} resamples of the "
                         f"{metrics['n']} test samples, seed {args.bootstrap_seed})", intervals)
     return 0
+
+
+def _check_range(option: str, value: int, low: int, high: int, note: str = "") -> None:
+    """A numeric option within [low, high] (one line naming it otherwise)."""
+    if not low <= value <= high:
+        raise CqkdError(f"{option} must be in [{low}, {high}]{f' ({note})' if note else ''}, got {value}")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -164,14 +178,15 @@ def cmd_plot_reliability(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from cqkd.calibration.plots import reliability_diagram
+    from cqkd.core.io import check_output_file
     from cqkd.core.rundir import RunDir
 
     if args.labels is not None and len(args.labels) != len(args.runs):
         raise CqkdError(f"--labels has {len(args.labels)} names for {len(args.runs)} runs")
     if Path(args.out).suffix.lower() != ".png":
         raise CqkdError(f"--out {args.out!r} must be a .png file")
-    if args.ece_bins < 1:
-        raise CqkdError(f"--ece-bins must be at least 1, got {args.ece_bins}")
+    check_output_file(args.out, "--out")
+    _check_range("--ece-bins", args.ece_bins, 1, 100_000)
     names = args.labels or [Path(r).name or r for r in args.runs]
     if args.labels is None and len(set(names)) < len(names):
         names = list(args.runs)
@@ -199,6 +214,9 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from cqkd.study.tables import models_table
 
+    _check_range("--size", args.size, 1, 1024)
+    _check_range("--channels", args.channels, 1, 64)
+    _check_range("--classes", args.classes, 1, 100_000)
     models_table(args.size, args.channels, args.classes)
     return 0
 
@@ -206,6 +224,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from cqkd.study.demo import run_demo
 
+    if args.epochs is not None:
+        _check_range("--epochs", args.epochs, 1, 2**31 - 1)
+    if args.train_samples is not None:
+        _check_range("--train-samples", args.train_samples, 1, 2**31 - 1)
     rows = run_demo(args.out, data_dir=args.data_dir, epochs=args.epochs, train_samples=args.train_samples,
                     force=args.force, progress=not args.quiet)
     return 1 if any(r["top-1"] == "failed" for r in rows) else 0
@@ -214,7 +236,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from cqkd import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cqkd",
         description="Cross-quality knowledge distillation: train a full-resolution teacher, then "
                     "distil it into a student that only sees low-resolution views of the same images.",
@@ -247,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
             "the run's validation split, report NLL and ECE before and after on val and test, and write "
             "RUN_DIR/calibration.json (which --teacher-calibration temperature and --temperature calibrated read).")
     p.add_argument("run", metavar="RUN_DIR")
-    p.add_argument("--split", default="val", help="the split to fit on; never test (default: val)")
+    p.add_argument("--split", default="val", choices=("val", "train", "test"),
+                   help="the split to fit on; never test; only a T_cal fitted on val is used for distillation "
+                        "(default: val)")
     p.add_argument("--ece-bins", type=int, default=15, help="equal-width bins for ECE (default: 15)")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     p = add("plot", lambda a: a.plot_func(a), "draw figures from finished runs")
@@ -287,15 +311,17 @@ _EXTENSIONS: list[Callable[[Any, Callable[..., argparse.ArgumentParser]], None]]
 
 # ---------------------------------------------------------------------- sweep and report
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from cqkd.core.rundir import check_sweep_dir
     from cqkd.errors import RunInterrupted
     from cqkd.study.sweep import load_sweep, run_sweep
 
     plan = load_sweep(args.config, args.out)
+    check_sweep_dir(plan.out)
     try:
         result = run_sweep(plan, force=args.force, dry_run=args.dry_run, progress=not args.quiet)
     except RunInterrupted as e:
         print(f"cqkd: {e}; run the same `cqkd sweep` command again to continue", file=sys.stderr)
-        return 143 if e.signal_name == "SIGTERM" else 130
+        return e.exit_code
     return 0 if result.ok else 1
 
 
@@ -448,27 +474,40 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from cqkd.core.signals import install_sigterm_handler
+
     _quiet_libraries()
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    previous = install_sigterm_handler()  # SIGTERM stops every phase like Ctrl-C does: exit 143
+    args: argparse.Namespace | None = None
     try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # --help, --version, or a malformed option (its one line is printed)
+            return e.code if isinstance(e.code, int) else EXIT_USAGE
         return args.func(args)
     except CqkdError as e:
-        print(f"cqkd: error: {e}", file=sys.stderr)
+        print(f"cqkd: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except RunInterrupted as e:
         out = getattr(args, "out", None)
         hint = f"; continue with: cqkd {args.command} --out {out} --resume" if out and e.checkpoint else ""
-        print(f"cqkd: {e}{hint}", file=sys.stderr)
-        return 143 if e.signal_name == "SIGTERM" else 130
+        print(f"cqkd: {one_line(e)}{hint}", file=sys.stderr)
+        return e.exit_code
     except RunFailed as e:
-        print(f"cqkd: error: {e}", file=sys.stderr)
+        print(f"cqkd: error: {one_line(e)}", file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError:
+        os._exit(0)
+    except OSError as e:  # a path the user named that the system refuses (too long, a loop, ...)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"cqkd: error: {where}{one_line(e.strerror or e)}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("cqkd: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        os._exit(0)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,15 @@ class RunInterrupted(Exception):
     The run directory is marked failed (reason "interrupted"); ``--resume`` continues it.
     """
 
-    def __init__(self, signal_name: str, step: int, checkpoint: str | None) -> None:
+    def __init__(self, signal_name: str, step: int | None, checkpoint: str | None) -> None:
         self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        if step is None:  # outside a training loop: nothing to save or resume
+            super().__init__(f"interrupted by {signal_name}")
+            return
         where = f"; checkpoint saved to {checkpoint}" if checkpoint else " (no new checkpoint; --resume uses the latest one)"
         super().__init__(f"interrupted by {signal_name} at step {step}{where}")
+
+    @property
+    def exit_code(self) -> int:
+        """143 for SIGTERM (128 + 15), 130 for Ctrl-C (128 + 2), as a shell reports them."""
+        return 143 if self.signal_name == "SIGTERM" else 130

@@ -167,7 +167,9 @@ def _checked_t_cal(data: dict[str, Any], run_path: str | os.PathLike) -> float:
     if data.get("at_bound"):
         import warnings
 
+        val = data.get("metrics", {}).get("val", {}) if isinstance(data.get("metrics"), dict) else {}
+        top1 = val.get("top1") if isinstance(val, dict) and isinstance(val.get("top1"), (int, float)) else float("nan")
         warnings.warn(f"T_cal = {t_cal:g} of {str(run_path)!r} lies at the edge of the search range (val "
-                      f"top-1 {data.get('metrics', {}).get('val', {}).get('top1', float('nan')):.4f}); "
+                      f"top-1 {top1:.4f}); "
                       "temperature scaling has no interior optimum for this teacher", stacklevel=3)
     return t_cal

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -36,6 +37,10 @@ def option(default: Any, help: str, group: str, *, metavar: str | None = None, c
 
 D, M, K, H, O = GROUPS
 LATE_FIELDS: frozenset[str] = frozenset()  # fields added since the study's runs (see RunConfig.digest)
+MAX_SEED = 2**32 - 1  # what numpy and Lightning's seed_everything accept
+MAX_COUNT = 2**31 - 1  # a bound for counts (epochs, steps, images, ...) that every library can index
+MAX_BINS = 100_000
+MAX_CROP = 8192
 
 
 @dataclass
@@ -130,6 +135,7 @@ class RunConfig:
 
         if self.kind not in ("train", "distill"):
             raise bad("kind", "must be 'train' or 'distill'")
+        self._check_numbers(bad)
         if self.size < 1:
             raise bad("size", "must be at least 1")
         if self.epochs < 1:
@@ -193,6 +199,25 @@ class RunConfig:
         self.degradation_spec()
 
         ViewSpec.parse(self.augment)
+
+    def _check_numbers(self, bad: Any) -> None:
+        """Every number finite, every count within what the libraries below can take."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise bad(f.name, "must be a finite number")
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_COUNT and f.name != "seed":
+                raise bad(f.name, f"must be at most {MAX_COUNT}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise bad("seed", f"must be in [0, {MAX_SEED}]")
+        if self.ece_bins > MAX_BINS:
+            raise bad("ece_bins", f"must be at most {MAX_BINS}")
+        if self.crop_size > MAX_CROP:
+            raise bad("crop_size", f"must be at most {MAX_CROP}")
+        for key in ("data_dir", "teacher", "teacher_model", "teacher_weights", "degradation", "augment"):
+            value = getattr(self, key)
+            if isinstance(value, str) and ("\x00" in value or len(value) > 4096):
+                raise bad(key, "is not a usable path or name (a NUL byte, or longer than 4096 characters)")
 
     def degradation_spec(self):
 

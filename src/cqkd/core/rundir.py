@@ -2,22 +2,24 @@
 
 Layout of a run directory::
 
+    .cqkd-run.json     the ownership marker: the files cqkd writes here (nothing else is touched)
+    .cqkd.lock         the lock held by the one process that writes the run (see cqkd.core.lock)
     config.yaml        the fully resolved RunConfig (enough to rerun)
     status.json        {"state": "running" | "finished" | "failed", ...}
     metrics.json       test metrics and run facts, written last
     test_logits.pt     {"logits", "labels"} of the test split (plain tensors)
     model.safetensors  the selected (best on val) weights of the trained model
     checkpoints/       Lightning checkpoints: best.ckpt (on val), last.ckpt (epoch end),
-                       step.ckpt (every N steps), interrupted.ckpt (Ctrl-C / SIGTERM); see cqkd.robust
+                       step.ckpt (every N steps), interrupted.ckpt (Ctrl-C / SIGTERM)
     metrics.csv        training curves (Lightning's CSVLogger)
 
 Every file is written to a temporary name in the same directory and renamed into place,
-so a reader never sees half a file.
+so a reader never sees half a file. Runs written before the marker existed (config.yaml and
+status.json, no marker) own the standard names above.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -25,13 +27,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from cqkd import __version__
 from cqkd.core.config import RunConfig
-from cqkd.core.io import _UMASK, load_tensors, read_json, write_json, write_yaml
+from cqkd.core.io import _UMASK, check_creatable, load_tensors, read_json, read_yaml, write_json, write_yaml
+from cqkd.core.lock import Lock, acquire, holds, is_held
 from cqkd.errors import CqkdError
 
 STATES = ("running", "finished", "failed")
+MARKER = ".cqkd-run.json"
+LOCK = ".cqkd.lock"
+CHECKPOINT_FILES = tuple(f"checkpoints/{n}" for n in ("best.ckpt", "last.ckpt", "step.ckpt", "interrupted.ckpt"))
+OUTPUT_FILES = ("metrics.json", "test_logits.pt", "model.safetensors", "calibration.json", "metrics.csv",
+                "reliability.png", *CHECKPOINT_FILES)  # what starting a run over removes
+RUN_FILES = (MARKER, LOCK, "config.yaml", "status.json", *OUTPUT_FILES)  # every file a run may write
 
 
 os.umask(_UMASK)
@@ -42,6 +51,7 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self._lock: Lock | None = None
 
     config_file = property(lambda self: self.path / "config.yaml")
     status_file = property(lambda self: self.path / "status.json")
@@ -50,19 +60,32 @@ class RunDir:
     weights_file = property(lambda self: self.path / "model.safetensors")
     checkpoint_dir = property(lambda self: self.path / "checkpoints")
     calibration_file = property(lambda self: self.path / "calibration.json")
+    marker_file = property(lambda self: self.path / MARKER)
+    lock_file = property(lambda self: self.path / LOCK)
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 
     # ---------------------------------------------------------------- state
+    def status(self) -> dict[str, Any]:
+        """status.json (a mapping with a known state), {} when there is none; CqkdError when unreadable."""
+        if not self.status_file.exists():
+            return {}
+        status = read_json(self.status_file)
+        if status.get("state") not in STATES:
+            raise CqkdError(f"{self.status_file}: state={status.get('state')!r} is not one of {', '.join(STATES)}")
+        pid, host = status.get("pid"), status.get("host")
+        if not (pid is None or (isinstance(pid, int) and not isinstance(pid, bool))) or not isinstance(host or "", str):
+            raise CqkdError(f"{self.status_file}: pid={pid!r}, host={host!r} are not a process id and a host name")
+        return status
+
     @property
     def state(self) -> str | None:
-        if not self.status_file.exists():
-            return None
+        """The recorded state; None without status.json, "failed" when it cannot be read."""
         try:
-            return json.loads(self.status_file.read_text()).get("state")
-        except (json.JSONDecodeError, OSError):
-            return None
+            return self.status().get("state")
+        except CqkdError:
+            return "failed"
 
     @property
     def is_finished(self) -> bool:
@@ -72,44 +95,150 @@ class RunDir:
         assert state in STATES, state
         write_json(self.status_file, {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info})
 
+    # ---------------------------------------------------------------- ownership
+    @property
+    def is_run(self) -> bool:
+        """A cqkd run: it has the marker, or (written before the marker) config.yaml and status.json."""
+        return self.marker_file.exists() or (self.config_file.exists() and self.status_file.exists())
+
+    def owned(self) -> frozenset[str]:
+        """The files (paths relative to the run) that cqkd wrote here and may replace or delete."""
+        if not self.marker_file.exists():
+            return frozenset(RUN_FILES) if self.is_run else frozenset()
+        marker = read_json(self.marker_file)
+        files = marker.get("files")
+        if not isinstance(files, list) or not all(isinstance(f, str) and _is_inside(f) for f in files):
+            raise CqkdError(f"{self.marker_file} is not a cqkd run marker (files must be a list of relative paths)")
+        return frozenset(files)
+
+    def claim(self, *names: str) -> None:
+        """Record that cqkd writes ``names`` (relative paths) in this run; refuse a file of that name it did not write."""
+        if not self.is_run:
+            raise CqkdError(f"{str(self.path)!r} is not a cqkd run directory")
+        owned = self.owned()
+        new = [n for n in names if n not in owned]
+        for name in new:
+            if os.path.lexists(self.path / name):
+                raise CqkdError(f"{self.path / name} was not written by cqkd; refusing to overwrite it "
+                                "(move it away, or choose another directory)")
+        if new or not self.marker_file.exists():  # (a run written before the marker gets one)
+            self._write_marker({*owned, *new})
+
+    def _write_marker(self, names: set[str] | tuple[str, ...]) -> None:
+        write_json(self.marker_file, {"cqkd_run": 1, "cqkd_version": __version__, "files": sorted({*names, MARKER})})
+
+    def check_out(self, force: bool = False, resume: bool = False) -> None:
+        """Refuse (one line) to start or resume a run here unless this is a cqkd run or an empty
+        (or new) directory and its state allows it. Writes nothing."""
+        where = f"--out {str(self.path)!r}"
+        if not self.path.exists():
+            if resume:
+                raise CqkdError(f"--resume: {str(self.path)!r} holds no run to resume (it does not exist); "
+                                "drop --resume to start one")
+            check_creatable(self.path, "--out", str(self.path))
+            return
+        if not self.path.is_dir():
+            raise CqkdError(f"{where} exists and is not a directory")
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise CqkdError(f"{where} is not writable")
+        if not self.is_run:
+            others = sorted(p.name for p in self.path.iterdir() if p.name != LOCK)
+            if others:
+                shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+                raise CqkdError(f"{where} is not empty and is not a cqkd run (it holds {shown}); cqkd writes only "
+                                "into an empty directory or its own run: choose another directory")
+            if resume:
+                raise CqkdError(f"--resume: {str(self.path)!r} holds no run to resume; drop --resume to start one")
+            return
+        self._check_files()
+        self._check_state(force, resume)
+
+    def _check_files(self) -> None:
+        """No symbolic link out of the run where cqkd writes, no file of its names that it did not write."""
+        if self.checkpoint_dir.is_symlink():
+            raise CqkdError(f"{self.checkpoint_dir} is a symbolic link; cqkd writes only inside the run directory "
+                            "(replace it with a directory)")
+        owned = self.owned()
+        for name in RUN_FILES:
+            if name not in owned and os.path.lexists(self.path / name):
+                raise CqkdError(f"{self.path / name} was not written by cqkd; refusing to overwrite it "
+                                "(move it away, or choose another directory)")
+
+    def _check_state(self, force: bool, resume: bool) -> None:
+        where = f"--out {str(self.path)!r}"
+        if self.is_finished and not force and not resume:
+            raise CqkdError(f"{where} holds a finished run; pass --force to overwrite it")
+        state, note = effective_state(self)
+        if state == "running":
+            raise CqkdError(f"{where} holds a run that is still running ({note}); choose another directory or stop "
+                            "that run")
+        if resume:
+            if not self.config_file.exists():
+                raise CqkdError(f"--resume: {str(self.path)!r} holds no run to resume (no config.yaml); "
+                                "drop --resume to start one")
+            return
+        if state == "failed" and not force and any(self.checkpoint_dir.glob("*.ckpt")):
+            raise CqkdError(f"{where} holds an unfinished run with checkpoints ({note}); "
+                            "pass --resume to continue it or --force to start it over")
+
+    def lock(self, wait: bool = False) -> Lock:
+        """Take the run's lock (creating the directory); one line naming the holder if another process has it."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            return acquire(self.lock_file, f"run directory {str(self.path)!r}", wait=wait)
+        except OSError as e:
+            raise CqkdError(f"cannot write into {str(self.path)!r}: {e.strerror or e}") from None
+
     def prepare(self, cfg: RunConfig, force: bool = False, resume: bool = False) -> None:
-        """Create the directory for a new run (refusing to overwrite a finished one)."""
-        if self.path.exists() and not self.path.is_dir():
-            raise CqkdError(f"--out {str(self.path)!r} exists and is not a directory")
-        if self.is_finished and not force:
-            raise CqkdError(f"--out {str(self.path)!r} holds a finished run; pass --force to overwrite it")
-        if not resume and self.state in ("running", "failed"):
-            state, note = effective_state(self)
-            if state == "running":
-                raise CqkdError(f"--out {str(self.path)!r} holds a run that is still running ({note}); "
-                                "choose another directory or stop that run")
-            has_ckpt = self.checkpoint_dir.is_dir() and any(self.checkpoint_dir.glob("*.ckpt"))
-            if has_ckpt and not force:
-                raise CqkdError(f"--out {str(self.path)!r} holds an unfinished run with checkpoints ({note}); "
-                                "pass --resume to continue it or --force to start it over")
-        if not resume and self.path.exists() and any(self.path.iterdir()) and not force and self.state is None:
-            raise CqkdError(f"--out {str(self.path)!r} is not empty and is not a cqkd run; choose another directory")
+        """Lock the directory (until ``release``), check it again under the lock, remove what a
+        start-over replaces and the temporary files of a killed process, write config and state."""
+        created = [p for p in (self.path, *self.path.parents) if not p.exists()]  # deepest first
+        self._lock = self.lock()
+        try:
+            self.check_out(force, resume)
+        except BaseException:
+            self.release()
+            if created:  # leave the file system as it was
+                self.lock_file.unlink(missing_ok=True)
+                for d in created:
+                    d.rmdir()
+            raise
+        if self.is_run:
+            self.claim(*RUN_FILES)
+        else:
+            self._write_marker(RUN_FILES)
+        self.remove_temporary()
         if not resume and (force or self.state in ("running", "failed")):
-            for f in (self.metrics_file, self.logits_file, self.weights_file, self.calibration_file,
-                      self.path / "metrics.csv"):
-                f.unlink(missing_ok=True)
-            if self.checkpoint_dir.exists():
-                for f in self.checkpoint_dir.iterdir():
-                    f.unlink()
-        self.path.mkdir(parents=True, exist_ok=True)
+            self.remove_owned(OUTPUT_FILES)
         write_yaml(self.config_file, cfg.to_dict())
         self.set_state("running", pid=os.getpid(), host=socket.gethostname(), resumed=resume)
+
+    def release(self) -> None:
+        """Release the lock taken by ``prepare``."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def remove_owned(self, names: tuple[str, ...] | None = None) -> None:
+        """Delete the owned files ``names`` (default: every owned output), never beyond a symbolic link."""
+        owned = self.owned()
+        for name in names or OUTPUT_FILES:
+            if name in owned:
+                _unlink_inside(self.path, name)
+
+    def remove_temporary(self) -> None:
+        """Delete the temporary files (``.NAME.*.tmp``) that a killed writer left of owned files."""
+        for name in self.owned():
+            parent = Path(name).parent
+            if (self.path / parent).is_dir() and not (self.path / parent).is_symlink():
+                for tmp in (self.path / parent).glob(f".{Path(name).name}.*.tmp"):
+                    _unlink_inside(self.path, str(parent / tmp.name))
 
     # ---------------------------------------------------------------- contents
     def config(self) -> RunConfig:
         if not self.config_file.exists():
             raise CqkdError(f"{str(self.path)!r} is not a cqkd run directory (no config.yaml)")
-        try:
-            raw = yaml.safe_load(self.config_file.read_text())
-        except yaml.YAMLError as e:
-            raise CqkdError(f"{self.config_file} is not valid YAML ({e})") from None
-        if not isinstance(raw, dict):
-            raise CqkdError(f"{self.config_file} is not a mapping")
+        raw = read_yaml(self.config_file)
         return RunConfig.from_dict(raw, where=str(self.config_file))
 
     def metrics(self) -> dict[str, Any]:
@@ -125,6 +254,46 @@ class RunDir:
         return self.weights_file
 
 
+def check_sweep_dir(path: Path) -> None:
+    """A sweep writes into a new or empty directory, or one holding its ``sweep.json``; never elsewhere."""
+    if not path.exists():
+        check_creatable(path, "--out", str(path))
+        return
+    if not path.is_dir():
+        raise CqkdError(f"--out {str(path)!r} exists and is not a directory")
+    others = sorted(p.name for p in path.iterdir() if p.name != ".sweep.lock")
+    if others and not (path / "sweep.json").exists():
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise CqkdError(f"--out {str(path)!r} is not empty and is not a cqkd sweep (no sweep.json; it holds {shown}); "
+                        "choose another directory")
+
+
+def _is_inside(name: str) -> bool:
+    parts = Path(name).parts
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts
+
+
+def _unlink_inside(root: Path, name: str) -> None:
+    """Unlink ``root/name`` walking down with O_NOFOLLOW: a symbolic link on the way ends the walk,
+    and a link at the end is removed itself, never its target. Directories are left alone."""
+    parts = Path(name).parts
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts[:-1]:
+            try:
+                sub = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError:  # missing, not a directory, or a symbolic link: nothing of ours below
+                return
+            os.close(fd)
+            fd = sub
+        try:
+            os.unlink(parts[-1], dir_fd=fd)
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            pass
+    finally:
+        os.close(fd)
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -136,21 +305,25 @@ def pid_alive(pid: int) -> bool:
 
 
 def effective_state(run: RunDir) -> tuple[str | None, str]:
-    """(state, note). A "running" run whose process is gone on this host is reported as failed
-    ("stale"); elsewhere (another host) it cannot be checked and stays "running"."""
+    """(state, note). A "running" run whose process is gone is reported as failed ("stale"): its
+    lock is free, or (runs without a lock file) its pid is gone on this host. A run on another
+    host without a lock that can be checked stays "running"."""
     if not run.status_file.exists():
         return None, "no status.json"
     try:
-        status = json.loads(run.status_file.read_text())
-    except (OSError, ValueError):
-        return "failed", "unreadable status.json"
-    state = status.get("state")
+        status = run.status()
+    except CqkdError as e:
+        return "failed", f"unreadable status.json: {e}"
+    state = status["state"]
     if state == "running":
         pid, host = status.get("pid"), status.get("host")
         same_host = host is None or host == socket.gethostname()
-        if isinstance(pid, int) and same_host and (pid == os.getpid() or not pid_alive(pid)):
+        who = f"pid {pid}" + (f" on {host}" if host else "") if pid else ""
+        if run.lock_file.exists() and not holds(run.lock_file) and is_held(run.lock_file):
+            return "running", who
+        if isinstance(pid, int) and same_host and (pid == os.getpid() or run.lock_file.exists() or not pid_alive(pid)):
             return "failed", f"stale: process {pid} is gone" if pid != os.getpid() else "stale: left running by this process"
-        return "running", f"pid {pid}" if pid else ""
+        return "running", who
     if state == "failed":
         return "failed", str(status.get("error", ""))
     return state, ""
@@ -169,16 +342,15 @@ def list_runs(root: str | os.PathLike) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"run": str(run.path.relative_to(root)) or ".", "state": state or "?", "note": note,
                                "kind": None, "model": None, "size": None, "top1": None, "ece": None}
         try:
-            raw = yaml.safe_load(config.read_text())
-            if isinstance(raw, dict):
-                row.update(kind=raw.get("kind"), model=raw.get("model"), size=raw.get("size"))
-        except (OSError, yaml.YAMLError):
+            raw = read_yaml(config)
+            row.update(kind=raw.get("kind"), model=raw.get("model"), size=raw.get("size"))
+        except CqkdError:
             row["note"] = (note + "; " if note else "") + "unreadable config.yaml"
         if state == "finished" and run.metrics_file.exists():
             try:
-                m = json.loads(run.metrics_file.read_text())
+                m = run.metrics()
                 row.update(top1=m.get("top1"), ece=m.get("ece"), size=m.get("size", row["size"]))
-            except (OSError, ValueError):
+            except CqkdError:
                 row["note"] = "unreadable metrics.json"
         rows.append(row)
     return rows

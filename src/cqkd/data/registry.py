@@ -143,6 +143,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
     kwargs.update({k: v for k, v in options.items() if k in accepted})
     splits = fn(**kwargs)
     if train_samples is not None:
+        if train_samples > len(splits.train):
+            raise CqkdError(f"--train-samples {train_samples} is more than the {len(splits.train)} images of the "
+                            f"{name} train split")
         splits.train = splits.train.subset(balanced_subset(splits.train.labels, train_samples))
     return splits
 

@@ -17,7 +17,9 @@ themselves, the view spec, ``k``, the bank seed and the format version. Changing
 gives another key, so another cache. A cache directory is only ever read after its header,
 header checksum, file sizes, data checksums and view table all check out; otherwise it is
 rebuilt. It is written into a temporary directory that is renamed into place, so a reader
-never sees a half-written cache, and two concurrent builders cannot corrupt each other.
+never sees a half-written cache; one process builds a key at a time (``.<key>.lock``, see
+``cqkd.core.lock``), the others wait for it, and the next builder removes what a killed one
+left (``.tmp-<key>-*``, ``.trash-<key>-*``).
 
 The relation to FKD (Shen & Xing, "A Fast Knowledge Distillation Framework for Visual
 Recognition", ECCV 2022): FKD stores, per image and epoch, the parameters of the random-resized
@@ -44,8 +46,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cqkd.core.io import file_sha256
+from cqkd.core.io import file_sha256, read_json
+from cqkd.core.lock import acquire
 from cqkd.core.progress import Progress, say
+from cqkd.core.signals import hang_if_asked
 from cqkd.errors import CqkdError
 from cqkd.views.augment import ViewBank, apply_views, to_float
 
@@ -131,10 +135,10 @@ class TeacherCache:
         if not header_file.is_file():
             raise CacheInvalid("no header")
         try:
-            header = json.loads(header_file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CacheInvalid(f"unreadable header ({type(e).__name__})") from None
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            header = read_json(header_file)
+        except CqkdError as e:
+            raise CacheInvalid(f"unreadable header ({e})") from None
+        if header.get("format") != FORMAT:
             raise CacheInvalid("not a cqkd teacher cache header")
         if header.get("header_sha256") != _header_checksum(header):
             raise CacheInvalid("header checksum mismatch")
@@ -188,6 +192,7 @@ def build(root: Path, spec: CacheSpec, bank: ViewBank, images: torch.Tensor,
                                     f"expected ({len(x)}, {spec.num_classes})")
                 out[start * k:stop * k] = z.cpu().numpy().astype("<f2")
                 bar.update(len(x))
+                hang_if_asked("cache")
         out.flush()
         del out
         params.to(torch.int16).numpy().astype("<i2").tofile(tmp / VIEWS_FILE)
@@ -245,16 +250,38 @@ def open_or_build(root: Path, spec: CacheSpec, bank: ViewBank, images: torch.Ten
     if path.exists():
         try:
             return TeacherCache.open(path, spec, bank), 0.0
-        except CacheInvalid as e:
-            log(f"teacher cache {path} is invalid ({e}); rebuilding it")
-            _discard(path)
-    start = time.perf_counter()
-    path = build(root, spec, bank, images, forward, device, batch_size, progress)
-    elapsed = time.perf_counter() - start
+        except CacheInvalid:
+            pass
+    root.mkdir(parents=True, exist_ok=True)
+    with acquire(root / f".{spec.key()}.lock", f"the teacher cache {path}", wait=True):
+        remove_stale(root)
+        if path.exists():
+            try:  # built by another process while we waited
+                return TeacherCache.open(path, spec, bank), 0.0
+            except CacheInvalid as e:
+                log(f"teacher cache {path} is invalid ({e}); rebuilding it")
+                _discard(path)
+        start = time.perf_counter()
+        path = build(root, spec, bank, images, forward, device, batch_size, progress)
+        elapsed = time.perf_counter() - start
     try:
         return TeacherCache.open(path, spec, bank), elapsed
     except CacheInvalid as e:  # only if the disk lies to us
         raise CqkdError(f"the teacher cache just built in {path} does not verify ({e})") from None
+
+
+def remove_stale(root: Path) -> None:
+    """Remove the temporary and trash directories that killed builders left under ``root`` (those
+    whose key's lock no live process holds)."""
+    for d in sorted(root.glob(".tmp-*")) + sorted(root.glob(".trash-*")):
+        key = d.name.split("-")[1] if d.name.count("-") >= 2 else ""
+        if not key or not d.is_dir() or d.is_symlink():
+            continue
+        try:
+            with acquire(root / f".{key}.lock", f"the teacher cache {root / key}"):
+                shutil.rmtree(d, ignore_errors=True)
+        except (CqkdError, OSError):
+            continue  # its builder is alive
 
 
 def wait_for(root: Path, spec: CacheSpec, bank: ViewBank, timeout_s: float = 24 * 3600,

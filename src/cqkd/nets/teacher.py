@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from cqkd.core.io import file_sha256
+from cqkd.core.io import file_sha256, load_safetensors, safetensors_header
 from cqkd.core.rundir import RunDir
 from cqkd.data.registry import DatasetInfo
 from cqkd.errors import CqkdError
@@ -44,13 +44,7 @@ class Teacher:
 
 def load_weights(model: nn.Module, path: Path) -> None:
     """Load a safetensors state dict into ``model`` (never unpickles)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CqkdError(f"{path} is corrupt or not a safetensors file ({e})") from None
+    state = load_safetensors(path)
     expected = model.state_dict()
     wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items()
              if k in expected and v.shape != expected[k].shape]
@@ -69,13 +63,7 @@ def file_digest(path: Path) -> str:
 
 def _check_classes(weights: Path, model: nn.Module, path: str, info: DatasetInfo) -> None:
     """Name the class-count mismatch plainly: the classifier is the last weight matrix."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CqkdError(f"{weights} is corrupt or not a safetensors file ({e})") from None
+    shapes, _ = safetensors_header(weights)
     matrices = [k for k, v in model.state_dict().items() if v.ndim == 2]
     if matrices and matrices[-1] in shapes and len(shapes[matrices[-1]]) == 2:
         n = shapes[matrices[-1]][0]
@@ -101,13 +89,7 @@ def read_state_dict(path: Path) -> dict[str, Any]:
     import torch
 
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state: Any = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CqkdError(f"{path} is corrupt or not a safetensors file ({e})") from None
+        state: Any = load_safetensors(path)
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

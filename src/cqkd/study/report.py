@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from cqkd.core.config import CONFIG_KEYS
-from cqkd.core.io import atomic_write, read_json, write_text
+from cqkd.core.io import atomic_write, write_text
+from cqkd.core.signals import hang_if_asked
 from cqkd.core.rundir import RunDir
 from cqkd.errors import CqkdError
 from cqkd.study import figures as plots_study
@@ -26,6 +27,7 @@ from cqkd.study.findings import (
     settings_table,
     supervised_for,
 )
+from cqkd.study.sweep import load_state
 from cqkd.study.tables import markdown_table
 
 
@@ -72,7 +74,7 @@ def collect_rows(directory: str | os.PathLike) -> tuple[list[dict[str, Any]], di
     state: dict[str, Any] = {}
     sweep_file = directory / "sweep.json"
     if sweep_file.exists():
-        state = read_json(sweep_file)
+        state = load_state(directory)
         entries = []
         for item in state.get("plan", []):
             path = Path(item["path"]) if item.get("path") else directory / item["name"]
@@ -204,6 +206,7 @@ def write_report(directory: str | os.PathLike) -> dict[str, Any]:
     rows, state = collect_rows(directory)
     csv_path = directory / "results.csv"
     write_csv(rows, csv_path)
+    hang_if_asked("report")
     fig_dir = directory / "figures"
 
     series = distill_series(rows)

@@ -46,8 +46,9 @@ from pathlib import Path
 from typing import Any
 
 from cqkd.core.config import CONFIG_KEYS, RunConfig
-from cqkd.core.io import read_json, write_json
-from cqkd.core.rundir import RunDir, pid_alive
+from cqkd.core.io import read_json, read_yaml, write_json
+from cqkd.core.lock import Lock, acquire
+from cqkd.core.rundir import RunDir
 from cqkd.errors import CqkdError, RunFailed, RunInterrupted, check_keys
 from cqkd.nets.teacher import file_digest
 from cqkd.train.checkpoints import resume_checkpoint
@@ -105,14 +106,7 @@ class SweepPlan:
 
 def load_sweep(path: str | os.PathLike, out: str | os.PathLike) -> SweepPlan:
     """Read a sweep YAML file and expand it into the runs it asks for (validating everything)."""
-    import yaml
-
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise CqkdError(f"cannot read sweep file {str(path)!r}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise CqkdError(f"sweep file {str(path)!r} is not valid YAML: {e}") from None
+    raw = read_yaml(path, shape=None, name=f"sweep file {str(path)!r}")
     return plan_sweep(raw, out, where=str(path))
 
 
@@ -295,12 +289,25 @@ def weights_digest(run_dir: Path) -> str | None:
 
 
 def load_state(out: Path) -> dict[str, Any]:
+    """The sweep state in ``out/sweep.json`` (empty when there is none), checked for its shape."""
     f = out / SWEEP_FILE
     if not f.exists():
         return {"runs": {}, "invocations": []}
     state = read_json(f)
     state.setdefault("runs", {})
     state.setdefault("invocations", [])
+    state.setdefault("plan", [])
+    runs, plan, calls = state["runs"], state["plan"], state["invocations"]
+    good = (isinstance(runs, dict) and all(isinstance(v, dict) and isinstance(v.get("config") or {}, dict)
+                                            and isinstance(v.get("state") or "", str) for v in runs.values())
+            and isinstance(plan, list) and all(isinstance(i, dict) and isinstance(i.get("name"), str)
+                                               and isinstance(i.get("group"), str)
+                                               and isinstance(i.get("path") or "", str) for i in plan)
+            and isinstance(calls, list) and all(isinstance(i, dict) and isinstance(i.get("wall_s") or 0, (int, float))
+                                                for i in calls))
+    if not good:
+        raise CqkdError(f"{f} is not a cqkd sweep state (its runs, plan or invocations have the wrong shape); "
+                        "move it away to start the sweep's bookkeeping over")
     return state
 
 
@@ -430,33 +437,9 @@ def _assess(plan: SweepPlan, force: bool) -> tuple[dict[str, Any], list[PlannedR
     return state, todo, done, est
 
 
-class _lock:
-    """One sweep at a time per output directory: ``.sweep.lock`` holds the owner's pid."""
-
-    def __init__(self, out: Path) -> None:
-        self.path = out / ".sweep.lock"
-
-    def __enter__(self) -> "_lock":
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and pid != os.getpid() and pid_alive(pid):
-                    raise CqkdError(f"another sweep (pid {pid}) is running in {str(self.path.parent)!r}; "
-                                    f"wait for it, or delete {self.path} if it is gone") from None
-                self.path.unlink(missing_ok=True)  # stale: its process has ended
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            return self
-        raise CqkdError(f"cannot take the lock {self.path}")
-
-    def __exit__(self, *exc: Any) -> None:
-        self.path.unlink(missing_ok=True)
+def _lock(out: Path) -> Lock:
+    """One sweep at a time per output directory (``.sweep.lock``, see ``cqkd.core.lock``)."""
+    return acquire(out / ".sweep.lock", f"the sweep directory {str(out)!r}")
 
 
 def _run_locked(plan: SweepPlan, state: dict[str, Any], todo: list[PlannedRun], done: list[PlannedRun],

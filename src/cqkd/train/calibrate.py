@@ -11,7 +11,7 @@ import torch
 
 from cqkd.calibration.metrics import calibration_errors, nll, top1
 from cqkd.calibration.scaling import TemperatureScaler, _checked_t_cal, read_calibration
-from cqkd.core.io import write_json
+from cqkd.core.io import check_output_file, write_json
 from cqkd.core.rundir import RunDir
 from cqkd.errors import CqkdError
 from cqkd.nets.teacher import file_digest
@@ -43,8 +43,11 @@ def calibrate_run(run_path: str | os.PathLike, split: str = "val", ece_bins: int
     if ece_bins < 1:
         raise CqkdError(f"--ece-bins must be at least 1, got {ece_bins}")
     run = RunDir(run_path)
+    if not run.is_run:
+        raise CqkdError(f"{str(run.path)!r} is not a cqkd run directory")
     cfg = run.config()
     weights = run.require_weights()
+    check_output_file(run.calibration_file, "calibration")
     names = [split] + [s for s in ("val", "test") if s != split]
     if progress:
         import sys
@@ -64,7 +67,9 @@ def calibrate_run(run_path: str | os.PathLike, split: str = "val", ece_bins: int
     }
     if split not in ("val", "test"):
         result["metrics"][split] = _before_after(fit["logits"], fit["labels"], t_cal, ece_bins)
-    write_json(run.calibration_file, result)
+    with run.lock(wait=True):
+        run.claim(run.calibration_file.name)
+        write_json(run.calibration_file, result)
     return result
 
 
@@ -81,6 +86,9 @@ def run_t_cal(run_path: str, fit_if_missing: bool = True) -> float:
     if data is not None:
         digest = data.get("weights_digest")
         if digest is None or digest == file_digest(run.require_weights()):
+            if data.get("split", "val") != "val":  # the README promises a T_cal held out of training
+                raise CqkdError(f"{run.calibration_file}: T_cal was fitted on the {data.get('split')} split; "
+                                f"distillation uses one fitted on val: run `cqkd calibrate {run_path}`")
             return _checked_t_cal(data, run_path)
         reason = f"{run.calibration_file} was fitted for other weights than {run.weights_file.name}"
     else:

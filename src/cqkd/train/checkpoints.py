@@ -36,7 +36,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cqkd import __version__
 from cqkd.core.config import RunConfig
-from cqkd.core.io import atomic_write, describe_load_error
+from cqkd.core.io import atomic_write, describe_load_error, safetensors_header
 from cqkd.core.rundir import RunDir, effective_state
 from cqkd.errors import CqkdError
 
@@ -108,13 +108,7 @@ def check_checkpoint(path: Path, cfg: RunConfig) -> dict[str, Any]:
 
 def check_weights(path: Path, cfg: RunConfig) -> None:
     """Refuse a run's ``model.safetensors`` written by another cqkd version or for another config."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CqkdError(f"{path} is corrupt or not a safetensors file ({e})") from None
+    _, meta = safetensors_header(path)
     version, digest = meta.get("cqkd_version"), meta.get("config_digest")
     if version is not None and version != __version__:
         raise CqkdError(f"{path} was written by cqkd {version}, this is cqkd {__version__}; "
@@ -137,16 +131,17 @@ def checkpoint_step(path: Path) -> int:
     return int(load_checkpoint(path).get("global_step", 0))
 
 
-def resume_checkpoint(run: RunDir, cfg: RunConfig) -> Path | None:
+def resume_checkpoint(run: RunDir, cfg: RunConfig, check_state: bool = True) -> Path | None:
     """Check that ``run`` can be resumed with ``cfg`` and return the checkpoint to resume from
-    (None when the run stopped before its first checkpoint: it then starts from scratch)."""
+    (None when the run stopped before its first checkpoint: it then starts from scratch).
+    ``check_state=False`` (ranks other than 0, started by rank 0) skips the "still running" check."""
     where = str(run.path)
     if not run.config_file.exists():
         raise CqkdError(f"--resume: {where!r} holds no run to resume (no config.yaml); drop --resume to start one")
     if run.is_finished:
         raise CqkdError(f"--resume: the run in {where!r} is already finished; nothing to resume "
                         "(pass --force without --resume to train it again)")
-    state, note = effective_state(run)
+    state, note = effective_state(run) if check_state else (None, "")
     if state == "running":
         raise CqkdError(f"--resume: the run in {where!r} is still running ({note}); stop it first")
     stored = run.config()

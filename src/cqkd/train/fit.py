@@ -39,7 +39,7 @@ from cqkd.train.calibrate import run_t_cal
 from cqkd.train.checkpoints import check_teacher, check_weights, checkpoint_step, resume_checkpoint
 from cqkd.train.guard import RunGuard, SigtermOutsideFit, shuffle_generator
 from cqkd.train.module import CQKDModule
-from cqkd.train.setup import build_student, is_rank_zero, load_splits, make_trainer
+from cqkd.train.setup import build_student, check_hardware, is_rank_zero, load_splits, make_trainer
 
 
 def prepare(cfg: RunConfig) -> tuple[Splits, nn.Module, Teacher | None]:
@@ -62,30 +62,57 @@ def prepare(cfg: RunConfig) -> tuple[Splits, nn.Module, Teacher | None]:
     return splits, build_student(cfg, info), teacher
 
 
+def check_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, resume: bool = False) -> None:
+    """Everything about a run that can be checked before any work: ``--out`` (an empty or new
+    directory, or a cqkd run whose state allows it; never the teacher or inside it; checked by
+    the process that writes it, global rank 0), the numbers (``cfg`` is validated), the
+    hardware, the data directory. Creates nothing."""
+    if resume and force:
+        raise CqkdError("--resume and --force contradict each other: --resume continues the run in --out, "
+                        "--force starts it over")
+    run = RunDir(out)
+    if cfg.kind == "distill" and cfg.teacher:
+        o, t = run.path.resolve(), Path(cfg.teacher).resolve()
+        if o == t or t in o.parents or o in t.parents:
+            raise CqkdError(f"--out {str(out)!r} overlaps the teacher {cfg.teacher!r}; a student's run directory "
+                            "must lie outside its teacher (and not contain it)")
+    if is_rank_zero():  # the other ranks start after rank 0 has prepared (and locked) the run
+        run.check_out(force, resume)
+    check_hardware(cfg)
+    check_data_dir(cfg.data_dir)
+
+
 def fit_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, progress: bool = True,
             resume: bool = False) -> dict[str, Any]:
     """Train (supervised or CQKD) as configured, writing the run directory ``out``.
 
     With ``resume``, continue the interrupted run in ``out`` from its most advanced checkpoint
-    (see ``cqkd.robust``); its stored configuration must match ``cfg``.
+    (see ``cqkd.train.checkpoints``); its stored configuration must match ``cfg``. The process
+    holds the run's lock (``cqkd.core.lock``) from the moment it writes there until it returns.
     Returns the metrics written to ``metrics.json``.
     """
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-
+    check_run(cfg, out, force, resume)
     run = RunDir(out)
-    if resume and force:
-        raise CqkdError("--resume and --force contradict each other: --resume continues the run in --out, "
-                        "--force starts it over")
-    check_data_dir(cfg.data_dir)
-    ckpt_path = resume_checkpoint(run, cfg) if resume else None  # checked before any work
+    ckpt_path = resume_checkpoint(run, cfg, check_state=is_rank_zero()) if resume else None  # before any work
     splits, model, teacher = prepare(cfg)
     if ckpt_path is not None and teacher is not None:
         check_teacher(ckpt_path, teacher.digest, teacher.path)
-    if is_rank_zero():
-        run.prepare(cfg, force=force, resume=resume)
+    if not is_rank_zero():
+        return _fit(run, cfg, splits, model, teacher, ckpt_path, progress, resume)
+    run.prepare(cfg, force=force, resume=resume)
+    try:
         if resume and ckpt_path is None:
             print(f"cqkd: {out} has no checkpoint yet; starting it from the beginning", file=sys.stderr)
+        return _fit(run, cfg, splits, model, teacher, ckpt_path, progress, resume)
+    finally:
+        run.release()
+
+
+def _fit(run: RunDir, cfg: RunConfig, splits: Splits, model: nn.Module, teacher: Teacher | None,
+         ckpt_path: Path | None, progress: bool, resume: bool) -> dict[str, Any]:
+    """Fit, test and save a prepared run; mark it failed (with the reason) if that does not end."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     start = time.time()
     guard = RunGuard(run.path / "checkpoints", cfg.checkpoint_every_n_steps, cfg.seed, None,
                      teacher.digest if teacher is not None else None)
@@ -105,6 +132,8 @@ def fit_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, progres
             trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
             if trainer.interrupted:
                 raise KeyboardInterrupt
+            if guard.stop_signal or trainer.received_sigterm:  # asked to stop during the last validation
+                raise RunInterrupted(guard.stop_signal or "SIGTERM", trainer.global_step, None)
             module.load_teacher_memo(len(splits.test))  # the teacher's test outputs, if a sibling saved them
             trainer.test(module, make_loader(splits.test, eval_batch, shuffle=False, num_workers=cfg.num_workers,
                                              pin_memory=pin), ckpt_path="best", verbose=False)
@@ -122,9 +151,9 @@ def fit_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, progres
                     (run.checkpoint_dir / name).unlink(missing_ok=True)
             return metrics
         except RunInterrupted as e:
-            step = e.step or (trainer.global_step if trainer is not None else 0)
+            step = e.step if e.step is not None else (trainer.global_step if trainer is not None else 0)
             _mark_failed(run, "interrupted", signal=e.signal_name, step=step, checkpoint=e.checkpoint)
-            raise
+            raise RunInterrupted(e.signal_name, step, e.checkpoint) from None
         except SIGTERMException:
             saved = guard.saved_interrupt
             step = trainer.global_step if trainer is not None else 0
@@ -132,19 +161,26 @@ def fit_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, progres
             raise RunInterrupted("SIGTERM", step, saved) from None
         except FloatingPointError as e:
             _mark_failed(run, f"diverged: {e}")
-            raise RunFailed(f"training diverged: {e}; run {str(out)!r} marked failed "
+            raise RunFailed(f"training diverged: {e}; run {str(run.path)!r} marked failed "
                             "(lower --lr, or check the data)") from None
         except (KeyboardInterrupt, SystemExit):  # a second Ctrl-C; Lightning turns it into sys.exit(1)
             _mark_failed(run, "interrupted")
             raise KeyboardInterrupt from None
+        except CqkdError as e:  # e.g. a full disk: one line naming the file
+            _mark_failed(run, str(e))
+            raise
         except BaseException as e:
             _mark_failed(run, f"{type(e).__name__}: {e}")
             raise
 
 
 def _mark_failed(run: RunDir, reason: str, **info: Any) -> None:
+    """Record why the run stopped, if the disk lets us (never masking the reason itself)."""
     if is_rank_zero():
-        run.set_state("failed", error=reason, **info)
+        try:
+            run.set_state("failed", error=reason, **info)
+        except CqkdError:
+            pass
 
 
 def _pin_memory(cfg: RunConfig) -> bool:
@@ -232,6 +268,7 @@ def evaluate_run(path: str | os.PathLike, progress: bool = True, outputs: dict[s
     weights = run.require_weights()
 
     check_weights(weights, stored)
+    check_hardware(cfg.replace(devices=1, strategy="auto", num_nodes=1))
     splits, model, teacher = prepare(cfg)
     load_weights(model, weights)
     if teacher is not None and teacher.t_cal is not None and run.metrics_file.exists():

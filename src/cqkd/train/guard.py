@@ -42,8 +42,9 @@ class RunGuard(L.Callback):
     """Periodic and on-interrupt checkpoints, per-epoch reseeded shuffling, RNG state.
 
     - every ``every_n_steps`` optimizer steps: ``step.ckpt`` (atomic; survives kill -9);
-    - Ctrl-C (first one) or SIGTERM: finish the current step, write ``interrupted.ckpt`` and
-      stop with ``RunInterrupted``; a second Ctrl-C aborts at once;
+    - Ctrl-C (first one) or SIGTERM during the training steps: finish the current step, write
+      ``interrupted.ckpt`` and stop with ``RunInterrupted``; a second Ctrl-C aborts at once;
+      before the steps (e.g. while the teacher cache is built) either one stops at once;
     - before each epoch the train sampler's generator is reseeded from (seed, epoch), so the
       order of an epoch does not depend on how many epochs this process has run;
     - the global torch RNG state is saved in and restored from the checkpoint.
@@ -62,7 +63,7 @@ class RunGuard(L.Callback):
         self.train_generator = train_generator
         self.stop_signal: str | None = None
         self.saved_interrupt: str | None = None
-        self.in_fit = False
+        self.in_steps = False  # between on_train_start and on_train_end: stop after the current step
         self._old_sigint: Any = None
         self._hang_at = int(os.environ.get("CQKD_TEST_HANG_AT_STEP", "0") or 0)
         self._kill_after = int(os.environ.get("CQKD_TEST_KILL_AFTER_EPOCH", "0") or 0)
@@ -88,17 +89,18 @@ class RunGuard(L.Callback):
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self.stop_signal is not None:
             raise KeyboardInterrupt
+        if not self.in_steps:  # no step to finish: stop where we are
+            raise RunInterrupted("Ctrl-C", None, None)
         self.stop_signal = "Ctrl-C"
         print("\ncqkd: stopping after this step and saving a checkpoint (Ctrl-C again to abort)",
               file=sys.stderr, flush=True)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.in_fit = True
         if threading.current_thread() is threading.main_thread():
             self._old_sigint = signal.signal(signal.SIGINT, self._on_sigint)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.in_fit = False
+        self.in_steps = False
         if self._old_sigint is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self._old_sigint)
             self._old_sigint = None
@@ -114,7 +116,11 @@ class RunGuard(L.Callback):
             self.train_generator.manual_seed(_epoch_seed(self.seed, trainer.current_epoch))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.in_steps = True  # Lightning's SIGTERM handler is in place from here on
         self._reseed(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.in_steps = False
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._kill_after and trainer.current_epoch == self._kill_after:
@@ -163,19 +169,18 @@ class RunGuard(L.Callback):
 
 
 class SigtermOutsideFit:
-    """While a run is set up, tested or saved (outside Lightning's fit loop, where Lightning's own
-    handler and ``RunGuard`` take care of it), turn SIGTERM into ``RunInterrupted`` so that the
-    run is marked failed instead of being left "running"."""
+    """While a run is set up, builds its teacher cache, is tested or saved (outside the training
+    steps, where Lightning's own handler and ``RunGuard`` stop after the current step), turn
+    SIGTERM into ``RunInterrupted`` at once so that the run is marked failed, not left "running"."""
 
     def __init__(self, guard: "RunGuard | None" = None) -> None:
         self.guard = guard
         self._old: Any = None
 
     def _handler(self, signum: int, frame: Any) -> None:
-        if self.guard is not None and self.guard.in_fit:
+        if self.guard is not None and self.guard.in_steps:
             return  # Lightning's handler (composed with this one) sets received_sigterm
-
-        raise RunInterrupted("SIGTERM", 0, None)
+        raise RunInterrupted("SIGTERM", None, None)
 
     def __enter__(self) -> "SigtermOutsideFit":
         if threading.current_thread() is threading.main_thread():

@@ -15,6 +15,7 @@ from torch import nn
 from cqkd import __version__
 from cqkd.core.config import RunConfig
 from cqkd.core.io import load_tensors, save_tensors
+from cqkd.core.signals import hang_if_asked
 from cqkd.data.registry import DatasetInfo, ImageData
 from cqkd.distill.cache import BANK_SEED
 from cqkd.distill.loss import distillation_loss, supervised_loss
@@ -222,11 +223,12 @@ class CQKDModule(L.LightningModule):
             return  # not the whole split in order
         try:
             save_tensors(path, {"teacher_logits": res["teacher_logits"], "teacher_lr_logits": res["teacher_lr_logits"]})
-        except OSError:
+        except CqkdError:
             pass  # a read-only teacher directory: nothing to share, nothing lost
 
     def on_test_epoch_start(self) -> None:
         self._test_outputs = []
+        hang_if_asked("test")
 
     def on_test_epoch_end(self) -> None:
         """Gather the test outputs of every process, drop the duplicates a distributed sampler

@@ -8,6 +8,7 @@ import torch
 
 from cqkd.core.config import RunConfig
 from cqkd.core.rundir import RunDir
+from cqkd.core.signals import hang_if_asked
 from cqkd.data.registry import make_loader
 from cqkd.nets.teacher import load_weights
 from cqkd.train.checkpoints import check_weights
@@ -55,6 +56,7 @@ def predict_splits(path: str | os.PathLike, names: list[str], batch_size: int = 
             z = module.student_forward(to_float(x.to(module.device)), g)
             logits.append(z.float().cpu())
             labels.append(y.cpu())
+            hang_if_asked("calibration")
         out[name] = {"logits": torch.cat(logits), "labels": torch.cat(labels)}
     return out
 

@@ -10,6 +10,7 @@ import lightning as L
 from torch import nn
 
 from cqkd.core.config import RunConfig
+from cqkd.core.signals import hang_if_asked
 from cqkd.data.registry import DatasetInfo, Splits, load_dataset
 from cqkd.errors import CqkdError
 from cqkd.nets.registry import build_model
@@ -17,14 +18,62 @@ from cqkd.train.checkpoints import AtomicCheckpointIO
 from cqkd.train.progress import EpochProgress, make_csv_logger
 
 
+MAX_DEVICES = 1024
+
+
 def load_splits(cfg: RunConfig) -> Splits:
     """The dataset splits of ``cfg``, checked against its degradation's size."""
     splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_samples, cfg.val_size, crop_size=cfg.crop_size,
                           skip_bad_images=cfg.skip_bad_images, augment=cfg.augment)
+    hang_if_asked("data")
     size = cfg.degradation_spec().size
     if size > splits.info.image_size:
         raise CqkdError(f"--size {size} is larger than the {splits.info.name} images ({splits.info.image_size} px)")
     return splits
+
+
+def _multi_node_launcher() -> bool:
+    """True when a launcher starts this command on every node (SLURM, torchrun, LSF, or Lightning's
+    NODE_RANK and MASTER_ADDR set by hand, as on Kubeflow)."""
+    from lightning.fabric.plugins.environments import LSFEnvironment, SLURMEnvironment, TorchElasticEnvironment
+
+    environments = (SLURMEnvironment, TorchElasticEnvironment, LSFEnvironment)
+    return any(e.detect() for e in environments) or {"NODE_RANK", "MASTER_ADDR"} <= set(os.environ)
+
+
+def check_hardware(cfg: RunConfig) -> None:
+    """Lightning's accelerator, devices, strategy, nodes and precision of ``cfg`` as this machine can
+    run them (checked before any work; one line if not). Distributed settings that cannot start
+    (no second node) fail here instead of waiting forever for their peers."""
+    import logging
+    import socket
+
+    asked = f"--accelerator {cfg.accelerator} --devices {cfg.devices} --strategy {cfg.strategy}"
+    if cfg.num_nodes > 1 and not _multi_node_launcher():
+        raise CqkdError(f"--num-nodes {cfg.num_nodes} needs a launcher that starts cqkd on every node (torchrun, "
+                        f"SLURM, or NODE_RANK and MASTER_ADDR set); this process runs alone on {socket.gethostname()}")
+    if isinstance(cfg.devices, int) and not -1 <= cfg.devices <= MAX_DEVICES:
+        raise CqkdError(f"--devices {cfg.devices}: must be -1 (all), 'auto' or a number from 1 to {MAX_DEVICES}")
+    cpus = os.cpu_count() or 1
+    if cfg.num_workers > 4 * cpus:
+        raise CqkdError(f"--num-workers {cfg.num_workers}: this machine has {cpus} CPUs (at most {4 * cpus} workers)")
+    quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
+    try:
+        trainer = L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
+                            num_nodes=cfg.num_nodes, precision=cfg.precision, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    except Exception as e:  # MisconfigurationException, ValueError, TypeError, ModuleNotFoundError, ...
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise CqkdError(f"cannot run {asked} on this machine: {reason}") from None
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+    if trainer.accelerator.__class__.__name__ == "CPUAccelerator" and trainer.num_devices > 4 * cpus:
+        raise CqkdError(f"cannot run {asked} on this machine: {trainer.num_devices} CPU processes for {cpus} CPUs "
+                        f"(at most {4 * cpus})")
 
 
 def build_student(cfg: RunConfig, info: DatasetInfo) -> nn.Module:
