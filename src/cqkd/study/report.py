@@ -112,7 +112,7 @@ def collect_rows(directory: str | os.PathLike) -> tuple[list[dict[str, Any]], di
         cfg_dict = info.get("config") or cfg_dict  # the planned config wins (the dir may be stale)
         finished = rd.is_finished
         state_name = "finished" if finished else (info.get("state") or rd.state or "missing")
-        if info.get("state") == "failed":
+        if info.get("state") in ("failed", "interrupted"):
             state_name = "failed"
         row["state"] = state_name
         row["error"] = info.get("error") if state_name == "failed" else None
