@@ -143,7 +143,7 @@ def sweep_status_table(out: str, stale_after: float | None = None) -> None:
     order = ("finished", "failed", "running", "interrupted", "pending", "external")
     counts = ", ".join(f"{s['counts'][k]} {k}" for k in order if s["counts"].get(k))
     waiting = f" ({s['waiting']} waiting for their teacher)" if s["waiting"] else ""
-    console.print(escape(f"sweep {out}: {s['total']} runs: {counts}{waiting}"))
+    console.print(escape(f"sweep {out}: {s['total']} runs: {counts}{waiting}"), soft_wrap=True)
     if s["running"]:
         table = Table(title="running", show_header=True)
         for name in ("run", "worker", "heartbeat", "started"):
@@ -162,4 +162,4 @@ def sweep_status_table(out: str, stale_after: float | None = None) -> None:
                           "[green]alive[/green]" if w["alive"] else "[red]stale[/red]", escape(w["run"] or "(waiting)"))
         console.print(table)
     for name, error in s["failed"].items():
-        console.print(escape(f"failed: {name}: {error}"))
+        console.print(escape(f"failed: {name}: {error}"), soft_wrap=True)
