@@ -26,6 +26,19 @@ SMALL = {"base": TINY, "teachers": {"t28": {"model": "cnn-small", "size": 28}},
          "distill": {"teacher": "t28", "model": "cnn-small", "size": 7, "temperature": [1, 4]}}
 
 
+@pytest.fixture(autouse=True)
+def deadline():
+    """Fail a test whose workers wait for ever (e.g. for a claim that is never taken over)."""
+    def expire(signum, frame):
+        raise TimeoutError("the sweep did not end within 600 s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(600)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
 def _write(path: Path, spec: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(spec))

@@ -36,6 +36,8 @@ def launch(plan: SweepPlan, workers: int | None = None, launcher: str = "local",
     """Run a sweep: in this process (``workers`` None), as local worker processes or as Ray tasks.
     The exit status: 0 when every run finished, 1 when one failed, 130/143 when interrupted."""
     stale_after = STALE_AFTER if stale_after is None else stale_after
+    if not stale_after > 0:
+        raise CqkdError(f"--stale-after must be > 0 seconds, got {stale_after}")
     for name, value in (("--workers", workers), ("--threads-per-worker", threads)):
         if value is not None and value < 1:
             raise CqkdError(f"{name} must be at least 1, got {value}")
@@ -138,14 +140,13 @@ def _watch(plan: SweepPlan, what: str, ended: Callable[[], bool], stopped: list[
         while True:
             try:
                 finished = ended()
-                time.sleep(0 if finished else 1.0)
+                with contextlib.suppress(CqkdError):
+                    display.update(sd.load())
+                if finished:
+                    break
+                time.sleep(1.0)
             except KeyboardInterrupt:
                 stopped.append("Ctrl-C")  # the workers had it too (one process group): wait for them
-                continue
-            with contextlib.suppress(CqkdError):
-                display.update(sd.load())
-            if finished:
-                break
     for line in problems():
         if line:
             display.say(line)
@@ -194,8 +195,9 @@ def launch_ray(plan: SweepPlan, workers: int | None, threads: int | None, device
                 stopped.append("cancelled")
             return len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) == len(refs)
 
-        return _watch(plan, f"{workers} Ray tasks × {threads} CPUs" + (f" × {devices_per_worker} GPUs" if devices_per_worker else "")
-                      + f" on {'a local Ray instance' if local else address}", ended, stopped,
+        gpus = f" × {devices_per_worker} GPUs" if devices_per_worker else ""
+        where = "a local Ray instance" if local else address
+        return _watch(plan, f"{workers} Ray tasks × {threads} CPUs{gpus} on {where}", ended, stopped,
                       lambda: [_ray_problem(i, ray, ref) for i, ref in enumerate(refs)], progress)
     finally:
         ray.shutdown()

@@ -63,7 +63,8 @@ class SweepProgress:
         if self.bar:
             self.progress = Progress(
                 TextColumn("[bold]sweep", table_column=Column(no_wrap=True, min_width=5)), BarColumn(bar_width=20),
-                MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[eta]}", table_column=Column(no_wrap=True)),
+                MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("{task.fields[eta]}", table_column=Column(no_wrap=True)),
                 TextColumn("{task.description}", table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
                 console=self.console, transient=False, expand=True)
             self.progress.__enter__()
@@ -118,9 +119,9 @@ class SweepProgress:
 
 def summary(plan: SweepPlan, state: dict[str, Any], wall_s: float, ran: int, skipped: int) -> list[str]:
     """The closing lines of a sweep: counts, wall time and each failure."""
-    runs = state.get("runs", {})
-    failed = {r.name: runs.get(r.name, {}).get("error") for r in plan.runs if runs.get(r.name, {}).get("state") == "failed"}
-    n_ok = sum(runs.get(r.name, {}).get("state") in ("finished", "external") for r in plan.runs)
+    entries = [(r.name, state.get("runs", {}).get(r.name, {})) for r in plan.runs]
+    failed = {name: e.get("error") for name, e in entries if e.get("state") == "failed"}
+    n_ok = sum(e.get("state") in ("finished", "external") for _, e in entries)
     lines = [f"sweep finished in {fmt_duration(wall_s)}: {ran} ran, {skipped} were done, {len(failed)} failed "
              f"({n_ok}/{len(plan.runs)} finished); state: {plan.out / 'sweep.json'}"]
     lines += [f"  failed: {name}: {reason}" for name, reason in failed.items()]

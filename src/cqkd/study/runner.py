@@ -136,7 +136,8 @@ class Worker:
             ran=list(self.ran), wall_s=time.time() - start,
             skipped=[r.name for r in self.plan.runs if runs[r.name]["state"] in ("finished", "external")
                      and runs[r.name].get("invocation") != self.index],
-            failed={r.name: runs[r.name].get("error") or "" for r in self.plan.runs if runs[r.name]["state"] == "failed"})
+            failed={r.name: runs[r.name].get("error") or "" for r in self.plan.runs
+                    if runs[r.name]["state"] == "failed"})
 
     def _join(self) -> None:
         with self.sd.locked() as state:
