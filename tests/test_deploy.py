@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY, cli_env, cqkd_cmd
 from PIL import Image
 
 from cqkd import cli
@@ -30,7 +31,6 @@ from cqkd.train.calibrate import calibrate_run
 from cqkd.train.fit import fit_run
 from cqkd.train.setup import load_splits
 from cqkd.views.degrade import Degradation
-from conftest import TINY, cli_env, cqkd_cmd
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

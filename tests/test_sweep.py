@@ -15,8 +15,9 @@ from cqkd.core.io import read_json
 from cqkd.core.rundir import RunDir
 from cqkd.errors import CqkdError
 from cqkd.study.findings import findings
+from cqkd.study.plan import load_sweep, plan_sweep
 from cqkd.study.report import write_report
-from cqkd.study.sweep import load_sweep, plan_sweep, run_sweep
+from cqkd.study.runner import run_sweep
 
 TINY = {"dataset": "synthetic", "train_samples": 200, "epochs": 1, "accelerator": "cpu"}
 SPEC = {
@@ -284,45 +285,43 @@ def test_demo_is_the_demo_yaml_sweep(tmp_path):
     assert len(from_code.runs) == 5
 
 
-def test_one_sweep_at_a_time_per_directory(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    from cqkd.core.lock import is_held
+def test_another_plan_is_refused_while_workers_run(tmp_path):
+    from cqkd.study.claims import HeldFile, identity
+    from cqkd.study.state import SweepDir, join
 
     spec = {"base": TINY, "teachers": {"bad": {"model": "no-such-net"}}}
     plan = plan_sweep(spec, tmp_path / "o")
-    (tmp_path / "o").mkdir()
-    lock = tmp_path / "o" / ".sweep.lock"
-    code = f"from cqkd.core.lock import acquire; import time; acquire({str(lock)!r}, 'x'); print('held', flush=True); time.sleep(120)"
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
-    try:
-        assert holder.stdout.readline().strip() == "held"  # a live sweep holds the directory
-        with pytest.raises(CqkdError, match=f"in use by another cqkd process \\(pid {holder.pid} "):
-            run_sweep(plan, progress=False, print_fn=lambda s: None)
-    finally:
-        holder.kill()
-        holder.wait()
-    assert not run_sweep(plan, progress=False, print_fn=lambda s: None).ok  # the kernel released it
-    assert not is_held(lock)
+    other = plan_sweep({**spec, "teachers": {"bad": {"model": "no-such-net", "seed": 1}}}, tmp_path / "o")
+    sd = SweepDir(plan.out)
+    with sd.locked() as state:  # a live worker of `other`
+        me = identity()
+        worker = HeldFile.create(sd.worker_file(me), **me, invocation=join(state, sd, other, False, 60))
+    quiet = {"progress": False, "print_fn": lambda s: None}
+    with pytest.raises(CqkdError, match="another sweep .* different plan"):
+        run_sweep(plan, **quiet)
+    with pytest.raises(CqkdError, match="--force"):
+        run_sweep(other, force=True, **quiet)
+    assert not run_sweep(other, **quiet).ok  # the same plan joins the live worker's sweep
+    assert len(read_json(plan.out / "sweep.json")["invocations"]) == 1
+    worker.release()
+    assert not run_sweep(plan, **quiet).ok  # once no worker is alive, another plan may start
+    assert len(read_json(plan.out / "sweep.json")["invocations"]) == 2
 
 
 def test_unfinished_runs_continue_from_their_checkpoint(sweep, tmp_path):
-    from cqkd.study.sweep import _how_to_start
+    from cqkd.study.runner import how_to_start
 
     _, out = sweep
     name = "supervised/model=cnn-small,size=7,seed=0"
     run = RunDir(out / name)
     cfg = run.config()
-    assert _how_to_start(RunDir(tmp_path / "new"), cfg, force=False) == {}
-    assert _how_to_start(run, cfg, force=False) == {"force": True}  # finished: start over
+    assert how_to_start(RunDir(tmp_path / "new"), cfg, force=False) == {}
+    assert how_to_start(run, cfg, force=False) == {"force": True}  # finished: start over
     copy = RunDir(tmp_path / "copy")
     shutil.copytree(run.path, copy.path)
     copy.metrics_file.unlink()
     copy.set_state("failed", error="interrupted")
-    how = _how_to_start(copy, cfg, force=False)
+    how = how_to_start(copy, cfg, force=False)
     assert how["resume"] is True and "resuming from" in how["note"]
-    assert _how_to_start(copy, cfg.replace(lr=0.5), force=False) == {"force": True}  # changed config
-    assert _how_to_start(copy, cfg, force=True) == {"force": True}
+    assert how_to_start(copy, cfg.replace(lr=0.5), force=False) == {"force": True}  # changed config
+    assert how_to_start(copy, cfg, force=True) == {"force": True}

@@ -261,7 +261,7 @@ def check_sweep_dir(path: Path) -> None:
         return
     if not path.is_dir():
         raise CqkdError(f"--out {str(path)!r} exists and is not a directory")
-    others = sorted(p.name for p in path.iterdir() if p.name != ".sweep.lock")
+    others = sorted(p.name for p in path.iterdir() if p.name not in (".sweep", ".sweep.lock"))
     if others and not (path / "sweep.json").exists():
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         raise CqkdError(f"--out {str(path)!r} is not empty and is not a cqkd sweep (no sweep.json; it holds {shown}); "

@@ -8,7 +8,8 @@ from typing import Any
 
 from cqkd.core.io import write_text
 from cqkd.core.rundir import RunDir
-from cqkd.study.sweep import plan_sweep, run_sweep
+from cqkd.study.plan import plan_sweep
+from cqkd.study.runner import run_sweep
 from cqkd.study.tables import markdown_table, print_rows
 
 # The default study: a 28 px teacher; supervised and CQKD students at 14 and 7 px.

@@ -12,8 +12,8 @@ from typing import Any
 
 from cqkd.core.config import CONFIG_KEYS
 from cqkd.core.io import atomic_write, write_text
-from cqkd.core.signals import hang_if_asked
 from cqkd.core.rundir import RunDir
+from cqkd.core.signals import hang_if_asked
 from cqkd.errors import CqkdError
 from cqkd.study import figures as plots_study
 from cqkd.study.findings import (
@@ -27,7 +27,7 @@ from cqkd.study.findings import (
     settings_table,
     supervised_for,
 )
-from cqkd.study.sweep import load_state
+from cqkd.study.state import load_state
 from cqkd.study.tables import markdown_table
 
 
@@ -96,7 +96,7 @@ def collect_rows(directory: str | os.PathLike) -> tuple[list[dict[str, Any]], di
         cfg_dict = info.get("config") or cfg_dict  # the planned config wins (the dir may be stale)
         finished = rd.is_finished
         state_name = "finished" if finished else (info.get("state") or rd.state or "missing")
-        if info.get("state") == "failed":
+        if info.get("state") in ("failed", "interrupted"):
             state_name = "failed"
         row["state"] = state_name
         row["error"] = info.get("error") if state_name == "failed" else None

@@ -7,6 +7,8 @@ from typing import Any
 
 from cqkd.core.rundir import list_runs
 from cqkd.nets.registry import MODELS, build_model, count_flops, count_params
+from cqkd.study.runner import STALE_AFTER
+from cqkd.study.status import sweep_status
 
 _MAIN_KEYS = ("top1", "top5", "nll", "brier", "ece", "adaptive_ece", "classwise_ece", "mce", "rmsce",
               "ece_over", "ece_under", "entropy", "confidence")
@@ -128,3 +130,36 @@ def intervals_table(title: str, intervals: dict[str, dict[str, float]]) -> None:
     for key, v in intervals.items():
         table.add_row(key, _fmt(v["value"]), _fmt(v["low"]), _fmt(v["high"]))
     Console().print(table)
+
+
+def sweep_status_table(out: str, stale_after: float | None = None) -> None:
+    """Print who runs what in a sweep directory: counts, running runs with their worker, workers, failures."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    s = sweep_status(out, STALE_AFTER if stale_after is None else stale_after)
+    console = Console(highlight=False)
+    order = ("finished", "failed", "running", "interrupted", "pending", "external")
+    counts = ", ".join(f"{s['counts'][k]} {k}" for k in order if s["counts"].get(k))
+    waiting = f" ({s['waiting']} waiting for their teacher)" if s["waiting"] else ""
+    console.print(escape(f"sweep {out}: {s['total']} runs: {counts}{waiting}"), soft_wrap=True)
+    if s["running"]:
+        table = Table(title="running", show_header=True)
+        for name in ("run", "worker", "heartbeat", "started"):
+            table.add_column(name, overflow="fold")
+        for r in s["running"]:
+            beat = "no claim" if r["heartbeat_s"] is None else f"{r['heartbeat_s']:.0f} s ago"
+            table.add_row(escape(r["run"]), r["worker"], beat + (" [red](stale)[/red]" if r["stale"] else ""),
+                          r["started"] or "")
+        console.print(table)
+    if s["workers"]:
+        table = Table(title="workers", show_header=True)
+        for name in ("worker", "heartbeat", "state", "run"):
+            table.add_column(name, overflow="fold")
+        for w in s["workers"]:
+            table.add_row(w["worker"], f"{w['heartbeat_s']:.0f} s ago",
+                          "[green]alive[/green]" if w["alive"] else "[red]stale[/red]", escape(w["run"] or "(waiting)"))
+        console.print(table)
+    for name, error in s["failed"].items():
+        console.print(escape(f"failed: {name}: {error}"), soft_wrap=True)

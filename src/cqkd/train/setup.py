@@ -17,7 +17,6 @@ from cqkd.nets.registry import build_model
 from cqkd.train.checkpoints import AtomicCheckpointIO
 from cqkd.train.progress import EpochProgress, make_csv_logger
 
-
 MAX_DEVICES = 1024
 
 

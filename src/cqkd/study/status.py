@@ -1,0 +1,44 @@
+"""Who runs what in a sweep directory: run states, live claims and workers, read from its files."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any
+
+from cqkd.errors import CqkdError
+from cqkd.study.claims import age, read_held
+from cqkd.study.state import SweepDir
+
+
+def sweep_status(out: str | os.PathLike, stale_after: float) -> dict[str, Any]:
+    """Counts by state, the running runs with their worker and heartbeat age, the workers, the failures."""
+    sd = SweepDir(out)
+    if not sd.state_file.exists():
+        raise CqkdError(f"{str(out)!r} holds no sweep.json (not a sweep directory, or not started)")
+    state = sd.load()
+    runs = state["runs"]
+    plan = [item for item in state.get("plan", []) if item["name"] in runs]
+    states = {item["name"]: runs[item["name"]].get("state", "?") for item in plan}
+
+    def waits(item: dict[str, Any]) -> bool:
+        teacher = runs.get(f"teachers/{item['teacher']}", {}) if item.get("teacher") else {}
+        return states[item["name"]] in ("pending", "interrupted") and teacher.get("state") not in (None, "finished",
+                                                                                                    "external")
+
+    running = []
+    for name in (n for n, s in states.items() if s == "running"):
+        claim = read_held(sd.claim_file(name)) or {}
+        running.append({"run": name, "worker": f"{claim.get('host', '?')}:{claim.get('pid', '?')}",
+                        "heartbeat_s": age(claim) if claim else None, "started": runs[name].get("started"),
+                        "stale": not claim or age(claim) >= stale_after})
+    workers = []
+    for f in sorted(sd.workers.glob("*.json")) if sd.workers.is_dir() else []:
+        info = read_held(f)
+        if info is not None:
+            workers.append({"worker": f"{info.get('host')}:{info.get('pid')}", "heartbeat_s": age(info),
+                            "alive": age(info) < stale_after, "run": info.get("run")})
+    return {"out": str(out), "total": len(plan), "counts": dict(Counter(states.values())), "running": running,
+            "waiting": sum(waits(item) for item in plan), "workers": workers,
+            "failed": {n: runs[n].get("error") for n, s in states.items() if s == "failed"},
+            "total_wall_s": state.get("total_wall_s")}
