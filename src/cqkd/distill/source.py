@@ -164,6 +164,8 @@ def make_teacher_source(cfg: RunConfig, teacher: Teacher, train: ImageData | Fol
                         num_classes: int) -> TeacherSource:
     """The teacher source for a distillation run (nothing is built or read yet)."""
     topk = cfg.teacher_topk if cfg.teacher_topk and cfg.teacher_topk < num_classes else None
+    if topk and num_classes > np.iinfo(np.int16).max:
+        raise CqkdError(f"--teacher-topk stores class indices as int16: at most 32767 classes, not {num_classes}")
     if isinstance(train, FolderSplit):
         bank: Bank | None = train.regions
         views = bank.spec.spec() if bank is not None else ""
