@@ -217,6 +217,40 @@ def run_cqkd(setup: dict, cache: str, seed: int | None = None) -> dict:
             "build_s": source["teacher_cache_build_s"]}
 
 
+def teacher_forward_times(setup: dict, reps: int = 9) -> tuple[float, float]:
+    """Median seconds of one teacher forward on a batch: torchdistill's way (``no_grad``, NCHW) and
+    cqkd's (``CQKDModule.teacher_forward``), interleaved in this process."""
+    from cqkd.core.config import RunConfig
+    from cqkd.nets.registry import build_model
+    from cqkd.nets.teacher import load_teacher
+    from cqkd.train.module import CQKDModule, Normalize
+
+    splits = load_data({**setup, "train_samples": setup["batch_size"]})
+    info = splits.info
+    teacher = load_teacher(setup["teacher"], info)
+    plain = build_model("cnn-large", info.num_classes, info.channels, 28)
+    plain.load_state_dict(teacher.model.state_dict())
+    plain = nn.Sequential(Normalize(info.mean, info.std), plain).eval()
+    cfg = RunConfig.from_dict(dict(kind="distill", dataset=setup["dataset"], model="cnn-small", size=setup["size"],
+                                   teacher=setup["teacher"], augment="none"))
+    module = CQKDModule(student_net(setup, info), cfg, info, teacher)
+    x = splits.train.images[: setup["batch_size"]].float() / 255
+
+    def plain_forward() -> torch.Tensor:
+        with torch.no_grad():
+            return plain(x)
+
+    fns = {"plain": plain_forward, "cqkd": lambda: module.teacher_forward(x)}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for rep in range(reps + 1):
+        for name in (list(fns) if rep % 2 == 0 else list(reversed(fns))):
+            start = time.perf_counter()
+            fns[name]()
+            if rep:  # the first round warms up
+                times[name].append(time.perf_counter() - start)
+    return statistics.median(times["plain"]), statistics.median(times["cqkd"])
+
+
 # ---------------------------------------------------------------------- the race
 
 def main() -> None:
@@ -280,6 +314,9 @@ def main() -> None:
     def ratio(a: str, b: str) -> float:
         return statistics.median(x["images_per_s"] / y["images_per_s"] for x, y in zip(results[a], results[b]))
 
+    plain, cqkd = teacher_forward_times(setup)
+    print(f"teacher forward alone, batch {args.batch_size}, side by side: no_grad NCHW (torchdistill's way) "
+          f"{1000 * plain:.0f} ms, cqkd (inference mode, channels-last) {1000 * cqkd:.0f} ms: {plain / cqkd:.2f}x")
     print(f"cqkd online / torchdistill: {ratio('cqkd online', 'torchdistill'):.2f}x")
     print(f"cqkd cached / torchdistill: {ratio('cqkd cached', 'torchdistill'):.2f}x")
 

@@ -93,10 +93,12 @@ class TeacherSource:
             else:
                 self.built, self.build_s = build_s > 0, round(build_s, 2)
         else:
-            if not (self.root / self.spec.key()).exists():
+            try:
+                self.cache = cache_lib.TeacherCache.open(self.root / self.spec.key(), self.spec, self.bank)
+            except cache_lib.CacheInvalid:  # missing or damaged: build this rank's share, then wait for rank 0
                 cache_lib.build(self.root, self.spec, self.bank, self.produce, forward, device, chunk_views,
                                 progress, rank, world_size)
-            self.cache = cache_lib.wait_for(self.root, self.spec, self.bank)
+                self.cache = cache_lib.wait_for(self.root, self.spec, self.bank)
         if barrier is not None and world_size > 1:
             barrier()
         if self.split is not None and self.cache is not None:
