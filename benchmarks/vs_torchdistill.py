@@ -12,8 +12,8 @@ Fashion-MNIST subset (no augmentation), batch size, optimiser (AdamW, lr 1e-3, w
 * ``cqkd online``: ``CQKDModule`` through Lightning, as ``cqkd distill --teacher-cache off``;
 * ``cqkd cached``: the same, reading the teacher's logits from the cache (built once, before).
 
-Each contender trains a fresh student ``--epochs`` epochs per repetition; the contenders are
-interleaved and repeated (``--reps``), and each reports training images/s (the training loop
+Each contender trains a fresh student ``--epochs`` epochs per repetition, each run in a fresh
+process; the contenders are interleaved and repeated (``--reps``), and each reports training images/s (the training loop
 only: no set-up, validation or test). Ratios are medians over repetitions of the ratio of runs
 made back to back. Then each student's test top-1 (all 10,000 test images), and that of cqkd
 cached with a second seed as a measure of seed-to-seed noise. Usage::
@@ -151,13 +151,16 @@ def make_env(root: Path) -> Path:
     return python
 
 
-def torchdistill_once(python: Path, setup_file: Path, threads: int | None) -> dict:
+def run_once(python: Path, setup_file: Path, contender: str, threads: int | None) -> dict:
+    """One run of ``contender`` in a fresh process (``python``: torchdistill's environment or this one)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    args = [str(python), __file__, "--worker", str(setup_file), "--contender", contender]
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    r = subprocess.run([str(python), __file__, "--worker", str(setup_file)], capture_output=True, text=True, env=env)
+        args += ["--threads", str(threads)]
+    r = subprocess.run(args, capture_output=True, text=True, env=env)
     if r.returncode != 0:
-        raise SystemExit(f"vs_torchdistill: the torchdistill run failed:\n{r.stderr[-3000:]}")
+        raise SystemExit(f"vs_torchdistill: the {contender} run failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -256,6 +259,7 @@ def teacher_forward_times(setup: dict, reps: int = 9) -> tuple[float, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--worker", metavar="SETUP", help=argparse.SUPPRESS)
+    p.add_argument("--contender", default="torchdistill", help=argparse.SUPPRESS)
     p.add_argument("--train-samples", type=int, default=10_000)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=128)
@@ -268,7 +272,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
-        print(json.dumps(run_torchdistill(json.loads(Path(args.worker).read_text()))))
+        setup = json.loads(Path(args.worker).read_text())
+        result = (run_torchdistill(setup) if args.contender == "torchdistill" else
+                  run_cqkd(setup, "off" if args.contender == "online" else "auto"))
+        print(json.dumps(result))
         return
     from cqkd.data.fashion_mnist import DEBIAN_FASHION_MNIST
 
@@ -296,8 +303,10 @@ def main() -> None:
     built = f"{first['build_s']:.1f} s" if first["build_s"] else "none (the teacher's cache was already there)"
     print(f"cqkd cache build (one-off, once per teacher): {built}")
 
-    contenders = {"torchdistill": lambda: torchdistill_once(python, setup_file, args.threads),
-                  "cqkd online": lambda: run_cqkd(setup, "off"), "cqkd cached": lambda: run_cqkd(setup, "auto")}
+    # every run in a fresh process of its own, so that no contender inherits another's state
+    contenders = {"torchdistill": lambda: run_once(python, setup_file, "torchdistill", args.threads),
+                  "cqkd online": lambda: run_once(Path(sys.executable), setup_file, "online", args.threads),
+                  "cqkd cached": lambda: run_once(Path(sys.executable), setup_file, "cached", args.threads)}
     results: dict[str, list[dict]] = {k: [] for k in contenders}
     for rep in range(args.reps):
         for name in (list(contenders) if rep % 2 == 0 else list(reversed(contenders))):
