@@ -134,12 +134,14 @@ def test_imagefolder_module_applies_no_batch_views(folder):
     splits = load_dataset("imagefolder", folder, val_size=3, crop_size=32)
     module = CQKDModule(build_model("cnn-small", 3, 3, 16), tiny_cfg(data_dir=str(folder)), splits.info)
     assert module.views.is_identity
-    # no view bank or teacher cache either: the teacher runs online on the loader's crops
+    # fresh crops (views_per_image all, the default for image folders): no bank, nothing to cache,
+    # the teacher runs online on the loader's crops
     teacher = Teacher(build_model("cnn-small", 3, 3, 32).eval(), "unused", "cnn-small", 32,
                       splits.info.mean, splits.info.std)
     cfg = tiny_cfg(data_dir=str(folder), kind="distill", teacher="unused", teacher_cache="auto")
+    assert cfg.views_per_image == "all"
     module = CQKDModule(build_model("cnn-small", 3, 3, 16), cfg, splits.info, teacher, train_data=splits.train)
-    assert module.source is None and module.views.is_identity
+    assert module.source.bank is None and not module.source.use_cache and module.views.is_identity
 
 
 def test_broken_image_fails_naming_it_and_is_skipped_on_request(folder, tmp_path):

@@ -36,7 +36,7 @@ def option(default: Any, help: str, group: str, *, metavar: str | None = None, c
 
 
 D, M, K, H, O = GROUPS
-LATE_FIELDS: frozenset[str] = frozenset()  # fields added since the study's runs (see RunConfig.digest)
+LATE_FIELDS: frozenset[str] = frozenset({"teacher_topk", "teacher_compile"})  # added since the study's runs (see RunConfig.digest)
 MAX_SEED = 2**32 - 1  # what numpy and Lightning's seed_everything accept
 MAX_COUNT = 2**31 - 1  # a bound for counts (epochs, steps, images, ...) that every library can index
 MAX_BINS = 100_000
@@ -88,8 +88,15 @@ class RunConfig:
                                         "that is exact; off: run the teacher every step", K, choices=TEACHER_CACHE,
                                 distill=True)
     views_per_image: int | str | None = option(None, "the per-image bank of K training views (or 'all') that every "
-                                                     "in-memory run draws from (default: 8 for distill, all for "
-                                                     "train); see docs/performance.md", D, metavar="K")
+                                                     "run draws from; imagefolder: K random-resized crops per image, "
+                                                     "all = a fresh crop each time (default: 8 for in-memory distill, "
+                                                     "all otherwise); see docs/performance.md", D, metavar="K")
+    teacher_topk: int | None = option(None, "distil from the teacher's top-K logits plus the remaining mass shared by "
+                                            "the other classes (online and cached alike; the cache then stores "
+                                            "K+1 values per view); default: every logit", K, metavar="K",
+                                      distill=True)
+    teacher_compile: bool = option(False, "run the teacher through torch.compile (a one-off compile time; see "
+                                          "docs/performance.md)", K, distill=True)
     ece_bins: int = option(15, "equal-width bins for ECE", M)
     accelerator: str = option("auto", "cpu, gpu, auto, ...", H)
     devices: int | str = option(1, "number of devices or 'auto'", H)
@@ -122,7 +129,7 @@ class RunConfig:
         Fields added after a release enter the hash only when set away from their default
         (``LATE_FIELDS``), so that runs written before keep their digest."""
         ignore = {"accelerator", "devices", "num_workers", "data_dir", "num_nodes", "strategy",
-                  "checkpoint_every_n_steps", "teacher_cache"}
+                  "checkpoint_every_n_steps", "teacher_cache", "teacher_compile"}
         defaults = {f.name: f.default for f in fields(self)}
         payload = {k: v for k, v in self.to_dict().items()
                    if k not in ignore and not (k in LATE_FIELDS and v == defaults[k])}
@@ -164,7 +171,9 @@ class RunConfig:
         if self.teacher_cache not in TEACHER_CACHE:
             raise bad("teacher_cache", "must be 'off' or 'auto'")
         if self.views_per_image is None:
-            self.views_per_image = 8 if self.kind == "distill" else "all"
+            self.views_per_image = 8 if self.kind == "distill" and self.dataset != "imagefolder" else "all"
+        if self.teacher_topk is not None and self.teacher_topk < 1:
+            raise bad("teacher_topk", "must be a positive integer (or unset: every logit)")
         if not 0 <= self.label_smoothing < 1:
             raise bad("label_smoothing", "must be in [0, 1)")
         if isinstance(self.views_per_image, str) and self.views_per_image.strip().isdigit():

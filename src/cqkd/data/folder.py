@@ -18,6 +18,10 @@ cropped to ``crop_size`` (the teacher's input side length, 224 by default):
 * evaluation (val, test): resize the shorter side to ``round(crop_size * 256 / 224)`` (256 for
   224) and take the central ``crop_size`` square.
 
+With ``views_per_image: K`` the training split draws from a bank of K regions per image
+(``cqkd.views.regions.RegionBank``): its sampler yields (index, j) pairs and the batches carry j
+as a fourth element, so a teacher cache can hold the teacher's outputs on exactly those crops.
+
 The loaders yield ``(uint8 (N, 3, S, S), labels, indices)`` like the in-memory ones; the
 degradation to the student's size then runs batch-wise on the training device, on the same
 crop the teacher sees. Because the loader has already drawn the views, the dataset's info has
@@ -30,18 +34,22 @@ logged, replaced by the next readable image of the split, and counted (``metrics
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import multiprocessing
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets.folder import make_dataset
 
 from cqkd.data.registry import SPLIT_SEED, DatasetInfo, Splits, register_dataset
 from cqkd.errors import CqkdError
+from cqkd.views.augment import BANK_SEED
+from cqkd.views.regions import REGIONS_FILE, SIZES_FILE, CropSpec, RegionBank, cut_region, draw_region
 
 log = logging.getLogger("cqkd.data")
 
@@ -53,12 +61,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
 
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-RRC_SCALE = (0.08, 1.0)
-
-
-RRC_RATIO = (3 / 4, 4 / 3)
 
 
 MAX_REPLACEMENTS = 100  # consecutive unreadable files tolerated when skipping
@@ -106,16 +108,9 @@ def decode_rgb(path: str) -> torch.Tensor:
 
 
 def train_view(img: torch.Tensor, crop_size: int) -> torch.Tensor:
-    """Random resized crop to ``crop_size`` and a random horizontal flip (global torch RNG,
-    seeded per worker by Lightning)."""
-    from torchvision.transforms import RandomResizedCrop
-    from torchvision.transforms.v2 import functional as TF
-
-    top, left, h, w = RandomResizedCrop.get_params(img, list(RRC_SCALE), list(RRC_RATIO))
-    out = TF.resized_crop(img, top, left, h, w, [crop_size, crop_size], antialias=True)
-    if torch.rand(()) < 0.5:
-        out = out.flip(-1)
-    return out.contiguous()
+    """A fresh random resized crop to ``crop_size`` and a random horizontal flip (global torch
+    RNG, seeded per worker by Lightning)."""
+    return cut_region(img, draw_region(img.shape[1], img.shape[2], CropSpec(crop_size)), crop_size)
 
 
 def eval_view(img: torch.Tensor, crop_size: int) -> torch.Tensor:
@@ -130,17 +125,21 @@ class FolderSplit(Dataset):
     """A split of an image folder: file paths and labels; decodes in ``__getitem__``.
 
     Implements the split interface of ``cqkd.data`` (``labels``, ``len``, ``subset``,
-    ``loader``). ``augment`` selects the training view, else the evaluation view.
+    ``loader``). ``augment`` selects the training view, else the evaluation view; with
+    ``regions`` the training views come from that bank and items are ``(index, j)`` pairs.
     """
 
     def __init__(self, name: str, paths: list[str], labels: torch.Tensor, crop_size: int,
-                 augment: bool, skip_bad: bool) -> None:
+                 augment: bool, skip_bad: bool, regions: RegionBank | None = None) -> None:
         self.name = name
         self.paths = paths
         self.labels = labels
         self.crop_size = crop_size
         self.augment = augment
         self.skip_bad = skip_bad
+        self.regions = regions
+        self.stored: Path | None = None  # a teacher cache whose regions the workers replay
+        self._stored_arrays: tuple[np.ndarray, np.ndarray] | None = None
         # one flag per file, shared with (forked or spawned) DataLoader workers
         self._bad = multiprocessing.RawArray("b", max(len(paths), 1))
 
@@ -150,37 +149,99 @@ class FolderSplit(Dataset):
     def subset(self, index: torch.Tensor) -> "FolderSplit":
         idx = index.tolist()
         return FolderSplit(self.name, [self.paths[i] for i in idx], self.labels[index],
-                           self.crop_size, self.augment, self.skip_bad)
+                           self.crop_size, self.augment, self.skip_bad, self.regions)
 
-    def __getitem__(self, i: int):
+    def _decode(self, i: int) -> tuple[int, torch.Tensor]:
+        """(j, image): image ``i``, or with ``skip_bad`` the next readable one ``j``."""
         for k in range(MAX_REPLACEMENTS):
             j = (i + k) % len(self.paths)
             try:
-                img = decode_rgb(self.paths[j])
+                return j, decode_rgb(self.paths[j])
             except BadImageError as e:
                 if not self.skip_bad:
                     raise BadImageError(f"{e}; pass --skip-bad-images to skip unreadable files") from None
                 if not self._bad[j]:
                     self._bad[j] = 1
                     log.warning("skipping unreadable image: %s", e)
-                continue
-            view = train_view(img, self.crop_size) if self.augment else eval_view(img, self.crop_size)
-            return view, int(self.labels[j]), j
         raise BadImageError(f"{MAX_REPLACEMENTS} consecutive unreadable images in the {self.name} split "
                             f"from {self.paths[i]}; is --data-dir right?")
 
+    def __getitem__(self, item: int | tuple[int, int]):
+        if isinstance(item, tuple):  # (index, j): region j of the image's bank
+            i, which = item
+            j, img = self._decode(i)
+            return cut_region(img, self.region(j, which, img), self.crop_size), int(self.labels[j]), j, which
+        j, img = self._decode(item)
+        view = train_view(img, self.crop_size) if self.augment else eval_view(img, self.crop_size)
+        return view, int(self.labels[j]), j
+
+    def region(self, j: int, which: int, img: torch.Tensor) -> torch.Tensor:
+        """Region ``which`` of image ``j``: replayed from the teacher cache, else drawn from the bank."""
+        assert self.regions is not None
+        h, w = img.shape[1:]
+        if self.stored is None:
+            return self.regions.regions(j, h, w)[which]
+        if self._stored_arrays is None:  # opened lazily, once per worker process
+            n, k = len(self.paths), self.regions.k
+            self._stored_arrays = (np.memmap(self.stored / REGIONS_FILE, dtype="<i4", mode="r", shape=(n, k, 5)),
+                                   np.memmap(self.stored / SIZES_FILE, dtype="<i4", mode="r", shape=(n, 2)))
+        regions, sizes = self._stored_arrays
+        if (int(sizes[j, 0]), int(sizes[j, 1])) != (h, w):
+            raise CqkdError(f"{self.paths[j]} is {h}x{w} px but was {sizes[j, 0]}x{sizes[j, 1]} when the teacher "
+                            f"cache {self.stored} was built; delete that cache directory to rebuild it")
+        return torch.from_numpy(regions[j, which].astype(np.int64))
+
+    def bank_views(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All ``k`` bank crops of image ``i`` (k, 3, S, S), their regions (k, 5) and the image size (2)."""
+        assert self.regions is not None
+        j, img = self._decode(i)
+        regions = self.regions.regions(j, *img.shape[1:])
+        crops = torch.stack([cut_region(img, r, self.crop_size) for r in regions])
+        return crops, regions.to(torch.int32), torch.tensor(img.shape[1:], dtype=torch.int32)
+
+    def replay(self, cache_dir: Path | None) -> None:
+        """Cut the training crops from the regions stored in ``cache_dir`` (None: from the bank)."""
+        self.stored, self._stored_arrays = cache_dir, None
+
+    def digest(self) -> str:
+        """sha256 (16 hex digits) of the files' class/name and byte size, in order (cheap: one stat each)."""
+        h = hashlib.sha256()
+        for path in self.paths:
+            h.update(f"{Path(path).parent.name}/{Path(path).name}\0{os.stat(path).st_size}\n".encode())
+        return h.hexdigest()[:16]
+
     def loader(self, batch_size: int, shuffle: bool, num_workers: int = 0, drop_last: bool = False,
                seed: int = 0, pin_memory: bool = False) -> DataLoader:
+        generator = torch.Generator().manual_seed(seed)
+        sampler = BankSampler(len(self), self.regions.k, shuffle, generator) if self.regions is not None else None
         return DataLoader(
-            self, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
-            pin_memory=pin_memory, persistent_workers=num_workers > 0,
-            prefetch_factor=4 if num_workers > 0 else None, generator=torch.Generator().manual_seed(seed),
+            self, batch_size=batch_size, shuffle=shuffle if sampler is None else None, sampler=sampler,
+            drop_last=drop_last, num_workers=num_workers, pin_memory=pin_memory,
+            persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+            generator=generator,
         )
 
     def skipped(self) -> list[str]:
         """The files skipped so far as unreadable (by this process and its workers)."""
         flags = np.frombuffer(self._bad, dtype=np.int8)[: len(self.paths)]
         return [self.paths[j] for j in np.flatnonzero(flags).tolist()]
+
+
+class BankSampler(Sampler[tuple[int, int]]):
+    """(index, j) pairs: every image once per epoch (shuffled or in order), each with a bank view
+    ``j`` drawn uniformly from ``[0, k)``; both from ``generator``."""
+
+    def __init__(self, n: int, k: int, shuffle: bool, generator: torch.Generator) -> None:
+        self.n, self.k, self.shuffle, self.generator = n, k, shuffle, generator
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        # a generator function, like RandomSampler: nothing is drawn before the first item is asked for
+        order = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
+        which = torch.randint(0, self.k, (self.n,), generator=self.generator)
+        yield from zip(order.tolist(), which.tolist())
 
 
 def _is_image(path: str) -> bool:
@@ -216,8 +277,10 @@ def default_val_size(n: int) -> int:
 
 @register_dataset("imagefolder")
 def load_imagefolder(data_dir: str | os.PathLike | None = None, val_size: int | None = None,
-                     crop_size: int = 224, skip_bad_images: bool = False, augment: str = "flip") -> Splits:
-    """An ImageNet-style folder: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` (= test)."""
+                     crop_size: int = 224, skip_bad_images: bool = False, augment: str = "flip",
+                     views_per_image: int | str | None = None) -> Splits:
+    """An ImageNet-style folder: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` (= test);
+    an integer ``views_per_image`` gives the training split a bank of that many regions per image."""
     if data_dir is None:
         raise CqkdError("--dataset imagefolder needs --data-dir DIR with DIR/train/<class>/ and DIR/val/<class>/")
     if crop_size < 1:
@@ -231,13 +294,17 @@ def load_imagefolder(data_dir: str | os.PathLike | None = None, val_size: int | 
     perm = torch.randperm(len(paths), generator=torch.Generator().manual_seed(SPLIT_SEED))
     val_idx, train_idx = torch.sort(perm[:n_val]).values, torch.sort(perm[n_val:]).values
     augment_train = augment.strip() not in ("none", "off", "")
-    full = FolderSplit("train", paths, labels, crop_size, augment_train, skip_bad_images)
+    bank = RegionBank(CropSpec(crop_size), views_per_image, BANK_SEED) if (
+        augment_train and isinstance(views_per_image, int)) else None
+    full = FolderSplit("train", paths, labels, crop_size, augment_train, skip_bad_images, bank)
     train = full.subset(train_idx)
     val = FolderSplit("val", [paths[i] for i in val_idx.tolist()], labels[val_idx], crop_size, False, skip_bad_images)
     test = FolderSplit("test", test_paths, test_labels, crop_size, False, skip_bad_images)
     info = DatasetInfo("imagefolder", len(classes), 3, crop_size, IMAGENET_MEAN, IMAGENET_STD, classes,
                        loader_augments=True)
     views = f"random-resized-crop={crop_size},flip" if augment_train else f"resize={eval_resize(crop_size)},center-crop={crop_size}"
+    if bank is not None:
+        views += f", bank of {bank.k} per image"
     return Splits(info, train, val, test, source=str(d),
                   extra={"train_views": views, "eval_views": f"resize={eval_resize(crop_size)},center-crop={crop_size}"})
 

@@ -1,57 +1,43 @@
-"""A view-aware cache of the teacher's outputs: build once, memory-map, check, never misread.
+"""A cache of the teacher's outputs on every bank view: built once in resumable chunks, verified, memory-mapped.
 
-Distillation draws each training view from a fixed per-image bank of ``k`` views
-(``cqkd.views.ViewBank``), so every teacher output a run can ask for is known in advance:
-``logits[i, j] = teacher(view j of image i)``. This module stores those outputs as float16 in
-a memory-mapped file next to the teacher run::
-
-    <teacher_run>/cache/<key>/
-        header.json    what the cache holds (see ``CacheSpec``), shapes, byte sizes, sha256 of
-                       each data file, and a sha256 of the header itself
-        logits.f16     float16, shape (N * k, C), row i * k + j = image i, view j
-        views.i16      int16, shape (N, k, 3): the (flip, dx, dy) of every view, for checking
-
-``key`` is a hash of the ``CacheSpec``: the teacher's weights file (``file_digest``), its
-model and input size, the dataset, split, ``train_samples`` subset and a digest of the images
-themselves, the view spec, ``k``, the bank seed and the format version. Changing any of them
-gives another key, so another cache. A cache directory is only ever read after its header,
-header checksum, file sizes, data checksums and view table all check out; otherwise it is
-rebuilt. It is written into a temporary directory that is renamed into place, so a reader
-never sees a half-written cache; one process builds a key at a time (``.<key>.lock``, see
-``cqkd.core.lock``), the others wait for it, and the next builder removes what a killed one
-left (``.tmp-<key>-*``, ``.trash-<key>-*``).
-
-The relation to FKD (Shen & Xing, "A Fast Knowledge Distillation Framework for Visual
-Recognition", ECCV 2022): FKD stores, per image and epoch, the parameters of the random-resized
-crop it drew and the teacher's (soft) labels for it, so a later run replays those crops instead
-of running the teacher. Random resized crops form an open-ended continuous family, so FKD can
-only ever store a sample of them. Our views (flip, integer translation) form a small finite
-set, which lets ``k = "all"`` store every view and make the cached run draw views exactly as
-fresh augmentation would; with ``k`` below that, the bank plays the role of FKD's stored crops:
-a fixed sample of ``k`` views per image that all runs (and all epochs) share.
+``<teacher_run>/cache/<key>/`` holds ``header.json`` and raw little-endian arrays: the targets
+(``logits.f16`` (N·k, C), or ``topk_index.i16`` (N·k, t) and ``topk_logits.f16`` (N·k, t+1))
+and the views they were computed on (``views.i16`` (N, k, 3) for in-memory datasets;
+``regions.i32`` (N, k, 5) and ``sizes.i32`` (N, 2) for image folders). Row ``i·k + j`` is view
+``j`` of image ``i``. The key hashes the ``CacheSpec``; the layout, checks and costs are in
+docs/performance.md.
+One process builds a key at a time (``.<key>.lock``, see ``cqkd.core.lock``); the others wait for
+it, and the next builder removes what a killed one left (``.tmp-<key>-*``, ``.trash-<key>-*``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from cqkd.core.io import file_sha256, read_json
+from cqkd.core.io import atomic_write, file_sha256, read_json
 from cqkd.core.lock import acquire
 from cqkd.core.progress import Progress, say
 from cqkd.core.signals import hang_if_asked
+from cqkd.distill.targets import KL_TEMPERATURES, kl_to_full, topk_decode, topk_encode
 from cqkd.errors import CqkdError
-from cqkd.views.augment import ViewBank, apply_views, to_float
+from cqkd.views.augment import BANK_SEED, ViewBank, to_float
+from cqkd.views.regions import REGIONS_FILE, SIZES_FILE, RegionBank
+
+__all__ = ["BANK_SEED", "CacheInvalid", "CacheSpec", "TeacherCache", "build", "open_or_build", "wait_for"]
 
 FORMAT = "cqkd-teacher-cache"
 
@@ -59,16 +45,29 @@ FORMAT = "cqkd-teacher-cache"
 VERSION = 1
 
 
-BANK_SEED = 0  # fixed, like the split seed: runs with different seeds share one cache
+HEADER_FILE = "header.json"
 
 
 LOGITS_FILE = "logits.f16"
 
 
+TOPK_INDEX_FILE = "topk_index.i16"
+
+
+TOPK_LOGITS_FILE = "topk_logits.f16"
+
+
 VIEWS_FILE = "views.i16"
 
 
-HEADER_FILE = "header.json"
+CHUNK_VIEWS = 1 << 16  # views per resumable chunk of a build
+
+
+LATE_SPEC = {"topk": None, "teacher_precision": "32"}  # spec fields left out of the key at these values
+
+Produce = Callable[[int, int], Iterable[tuple[torch.Tensor, dict[str, np.ndarray]]]]
+"""``produce(start, stop)``: for images ``start..stop-1`` in order, batches of (their ``n·k`` views,
+uint8 or float, image-major; ``{file name: array}`` of the view tables for those ``n`` images)."""
 
 
 class CacheInvalid(Exception):
@@ -91,18 +90,48 @@ class CacheSpec:
     views: str
     k: int
     bank_seed: int
+    topk: int | None = None  # keep the t largest logits and the rest's mass (None: every logit)
+    teacher_precision: str = "32"  # the autocast the teacher ran under ("32": none)
+
+    def fields(self) -> dict[str, Any]:
+        """The spec as stored in the header (late fields only where they differ from their default)."""
+        return {k: v for k, v in asdict(self).items() if not (k in LATE_SPEC and v == LATE_SPEC[k])}
 
     def key(self) -> str:
-        payload = json.dumps({"format": FORMAT, "version": VERSION, **asdict(self)}, sort_keys=True)
+        payload = json.dumps({"format": FORMAT, "version": VERSION, **self.fields()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     @property
+    def regions(self) -> bool:
+        """Random-resized-crop regions of image files (else flip/translate views of in-memory images)."""
+        return self.views.startswith("random-resized-crop")
+
+    def files(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Each data file's numpy dtype and shape."""
+        n, k, rows = self.num_images, self.k, self.num_images * self.k
+        out = ({LOGITS_FILE: ("<f2", (rows, self.num_classes))} if self.topk is None else
+               {TOPK_INDEX_FILE: ("<i2", (rows, self.topk)), TOPK_LOGITS_FILE: ("<f2", (rows, self.topk + 1))})
+        if self.regions:
+            out.update({REGIONS_FILE: ("<i4", (n, k, 5)), SIZES_FILE: ("<i4", (n, 2))})
+        else:
+            out[VIEWS_FILE] = ("<i2", (n, k, 3))
+        return out
+
+    def file_bytes(self, name: str) -> int:
+        dtype, shape = self.files()[name]
+        return math.prod(shape) * np.dtype(dtype).itemsize
+
+    @property
     def logits_bytes(self) -> int:
-        return self.num_images * self.k * self.num_classes * 2
+        """Bytes of the teacher's targets (without the view tables)."""
+        return sum(self.file_bytes(f) for f in self.files() if f in (LOGITS_FILE, TOPK_INDEX_FILE, TOPK_LOGITS_FILE))
 
     @property
     def views_bytes(self) -> int:
-        return self.num_images * self.k * 3 * 2
+        return sum(self.file_bytes(f) for f in self.files()) - self.logits_bytes
+
+    def chunk_images(self, chunk_views: int = CHUNK_VIEWS) -> int:
+        return max(1, chunk_views // self.k)
 
 
 def tensor_digest(x: torch.Tensor) -> str:
@@ -117,114 +146,268 @@ def _header_checksum(header: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+def _read(path: Path, spec: CacheSpec, name: str) -> np.ndarray:
+    dtype, shape = spec.files()[name]
+    return np.fromfile(path / name, dtype=dtype).reshape(shape)
+
+
+def _memmap(path: Path, spec: CacheSpec, name: str) -> np.memmap:
+    dtype, shape = spec.files()[name]
+    return np.memmap(path / name, dtype=dtype, mode="r", shape=shape)
+
+
 class TeacherCache:
     """An opened, verified cache: ``lookup(index, which)`` gives the teacher's logits."""
 
     def __init__(self, path: Path, spec: CacheSpec, header: dict) -> None:
-        self.path = path
-        self.spec = spec
-        self.header = header
-        self.logits = np.memmap(path / LOGITS_FILE, dtype="<f2", mode="r",
-                                shape=(spec.num_images * spec.k, spec.num_classes))
+        self.path, self.spec, self.header = path, spec, header
+        if spec.topk is None:
+            self.logits = _memmap(path, spec, LOGITS_FILE)
+        else:
+            self.topk_index = _memmap(path, spec, TOPK_INDEX_FILE)
+            self.topk_logits = _memmap(path, spec, TOPK_LOGITS_FILE)
 
     @classmethod
-    def open(cls, path: Path, spec: CacheSpec, bank: ViewBank) -> "TeacherCache":
+    def open(cls, path: Path, spec: CacheSpec, bank: ViewBank | RegionBank) -> "TeacherCache":
         """Open the cache in ``path`` after checking every part of it; raise CacheInvalid if any
         check fails (nothing of an invalid cache is returned)."""
-        header_file = path / HEADER_FILE
-        if not header_file.is_file():
-            raise CacheInvalid("no header")
-        try:
-            header = read_json(header_file)
-        except CqkdError as e:
-            raise CacheInvalid(f"unreadable header ({e})") from None
-        if header.get("format") != FORMAT:
-            raise CacheInvalid("not a cqkd teacher cache header")
-        if header.get("header_sha256") != _header_checksum(header):
-            raise CacheInvalid("header checksum mismatch")
-        if header.get("version") != VERSION:
-            raise CacheInvalid(f"format version {header.get('version')} (expected {VERSION})")
-        if header.get("spec") != asdict(spec) or header.get("key") != spec.key():
-            raise CacheInvalid("header describes another cache")
-        for name, expected in ((LOGITS_FILE, spec.logits_bytes), (VIEWS_FILE, spec.views_bytes)):
-            f = path / name
+        header = _check_header(path, spec)
+        for name in spec.files():
+            f, expected = path / name, spec.file_bytes(name)
             size = f.stat().st_size if f.is_file() else -1
             if size != expected or header.get("bytes", {}).get(name) != expected:
                 raise CacheInvalid(f"{name} has {size} bytes, expected {expected} (truncated?)")
             if file_sha256(f) != header.get("sha256", {}).get(name):
                 raise CacheInvalid(f"{name} checksum mismatch (corrupt)")
-        views = np.fromfile(path / VIEWS_FILE, dtype="<i2").reshape(spec.num_images, spec.k, 3)
-        if not torch.equal(torch.from_numpy(views.astype(np.int64)), bank.all_params()):
-            raise CacheInvalid("stored views differ from the view bank")
+        if spec.regions:
+            _check_regions(path, spec, bank)
+        else:
+            views = _read(path, spec, VIEWS_FILE).astype(np.int64)
+            if not torch.equal(torch.from_numpy(views), bank.all_params()):
+                raise CacheInvalid("stored views differ from the view bank")
         return cls(path, spec, header)
 
     def lookup(self, index: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
         """float32 logits (n, C) of view ``which[i]`` of image ``index[i]`` (on CPU)."""
         rows = index.cpu().numpy().astype(np.int64) * self.spec.k + which.cpu().numpy()
-        return torch.from_numpy(self.logits[rows].astype(np.float32))
+        if self.spec.topk is None:
+            return torch.from_numpy(self.logits[rows].astype(np.float32))
+        index_t = torch.from_numpy(self.topk_index[rows].astype(np.int64))
+        return topk_decode(index_t, torch.from_numpy(self.topk_logits[rows].astype(np.float32)),
+                           self.spec.num_classes)
+
+    def quality(self) -> dict[str, Any]:
+        """What metrics.json records about the approximation of a top-k cache."""
+        return dict(self.header.get("topk_error", {}))
 
 
-def build(root: Path, spec: CacheSpec, bank: ViewBank, images: torch.Tensor,
+def _check_header(path: Path, spec: CacheSpec) -> dict:
+    header_file = path / HEADER_FILE
+    if not header_file.is_file():
+        raise CacheInvalid("no header")
+    try:
+        header = read_json(header_file)
+    except CqkdError as e:
+        raise CacheInvalid(f"unreadable header ({e})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise CacheInvalid("not a cqkd teacher cache header")
+    if header.get("header_sha256") != _header_checksum(header):
+        raise CacheInvalid("header checksum mismatch")
+    if header.get("version") != VERSION:
+        raise CacheInvalid(f"format version {header.get('version')} (expected {VERSION})")
+    if header.get("spec") != spec.fields() or header.get("key") != spec.key():
+        raise CacheInvalid("header describes another cache")
+    return header
+
+
+def _check_regions(path: Path, spec: CacheSpec, bank: RegionBank, sample: int = 64) -> None:
+    """Every stored box lies inside its image, and a sample equals the bank's regions."""
+    regions, sizes = _read(path, spec, REGIONS_FILE), _read(path, spec, SIZES_FILE)
+    top, left, h, w, flip = (regions[..., c] for c in range(5))
+    height, width = sizes[:, :1], sizes[:, 1:]
+    inside = (top >= 0) & (left >= 0) & (h > 0) & (w > 0) & (top + h <= height) & (left + w <= width)
+    if not (inside.all() and np.isin(flip, (0, 1)).all()):
+        raise CacheInvalid("stored regions lie outside their images")
+    for i in np.unique(np.linspace(0, spec.num_images - 1, min(sample, spec.num_images)).astype(int)).tolist():
+        expected = bank.regions(i, int(sizes[i, 0]), int(sizes[i, 1])).numpy()
+        if not np.array_equal(regions[i], expected):
+            raise CacheInvalid(f"stored regions of image {i} differ from the region bank")
+
+
+# ---------------------------------------------------------------------- building
+
+def _chunk_path(partial: Path, c: int) -> Path:
+    return partial / f"chunk-{c:06d}.npz"
+
+
+def _build_chunk(spec: CacheSpec, produce: Produce, forward: Callable[[torch.Tensor], torch.Tensor],
+                 device: torch.device | str, start: int, stop: int, bar: Progress) -> dict[str, np.ndarray]:
+    """The arrays of images ``start..stop-1``: targets, view tables and the top-k error sums."""
+    parts: dict[str, list[np.ndarray]] = {}
+    kl_sum, kl_max, kept = np.zeros(len(KL_TEMPERATURES)), np.zeros(len(KL_TEMPERATURES)), 0.0
+    for views, tables in produce(start, stop):
+        z = forward(to_float(views.to(device))).float()
+        if z.shape != (len(views), spec.num_classes):
+            raise CqkdError(f"the teacher returned logits of shape {tuple(z.shape)}, "
+                            f"expected ({len(views)}, {spec.num_classes})")
+        if spec.topk is None:
+            parts.setdefault(LOGITS_FILE, []).append(z.cpu().numpy().astype("<f2"))
+        else:
+            index, values = topk_encode(z, spec.topk)
+            values = values.half()
+            parts.setdefault(TOPK_INDEX_FILE, []).append(index.cpu().numpy().astype("<i2"))
+            parts.setdefault(TOPK_LOGITS_FILE, []).append(values.cpu().numpy())
+            z_hat = topk_decode(index, values.float(), spec.num_classes)
+            for t, temperature in enumerate(KL_TEMPERATURES):
+                kl = kl_to_full(z, z_hat, temperature)
+                kl_sum[t] += float(kl.sum())
+                kl_max[t] = max(kl_max[t], float(kl.max()))
+            kept += float(torch.softmax(z.double(), 1).gather(1, index).sum())
+        for name, table in tables.items():
+            parts.setdefault(name, []).append(np.asarray(table))
+        bar.update(len(views))
+        hang_if_asked("cache")
+    arrays = {name: np.concatenate(v) for name, v in parts.items()}
+    arrays.update(_kl_sum=kl_sum, _kl_max=kl_max, _kept_mass=np.array([kept]))
+    return arrays
+
+
+def _load_chunk(partial: Path, c: int, spec: CacheSpec, start: int, stop: int) -> dict[str, np.ndarray] | None:
+    """A finished chunk's arrays, or None (and the file removed) when it is missing or damaged."""
+    path = _chunk_path(partial, c)
+    try:
+        with np.load(path) as data:
+            arrays = {name: data[name] for name in data.files}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        path.unlink(missing_ok=True)
+        return None
+    n = stop - start
+    for name, (_, shape) in spec.files().items():
+        rows = n * spec.k if shape[0] == spec.num_images * spec.k else n
+        if name not in arrays or arrays[name].shape != (rows, *shape[1:]):
+            path.unlink(missing_ok=True)
+            return None
+    return arrays
+
+
+def build(root: Path, spec: CacheSpec, bank: ViewBank | RegionBank, produce: Produce,
           forward: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str = "cpu",
-          batch_size: int = 1024, progress: bool = True) -> Path:
-    """Run ``forward`` (float views in [0, 1] -> logits) on every view of every image and write
-    the cache directory ``root / spec.key()`` atomically. Returns its path."""
-    if len(images) != spec.num_images or bank.k != spec.k:
-        raise CqkdError("internal error: cache spec does not match the images or the view bank")
-    root.mkdir(parents=True, exist_ok=True)
+          chunk_views: int = CHUNK_VIEWS, progress: bool = True, rank: int = 0, world_size: int = 1,
+          timeout_s: float = 24 * 3600) -> Path:
+    """Run ``forward`` (float views in [0, 1] -> logits) on every view and write the cache
+    ``root / spec.key()``. Work is saved in chunks under ``root / .build-<key>``, so an interrupted
+    build resumes where it stopped; with ``world_size`` ranks each builds every world_size-th
+    chunk and rank 0 assembles them (the others return at once). Returns the cache's path."""
+    partial = root / f".build-{spec.key()}"
+    partial.mkdir(parents=True, exist_ok=True)
+    per = spec.chunk_images(chunk_views)
+    bounds = [(s, min(spec.num_images, s + per)) for s in range(0, spec.num_images, per)]
+    mine = [c for c in range(len(bounds)) if c % world_size == rank]
+    bar = Progress(sum(bounds[c][1] - bounds[c][0] for c in mine) * spec.k,
+                   f"teacher cache ({spec.num_images} images x {spec.k} views)", "views", progress)
+
+    def make(c: int) -> None:
+        arrays = _build_chunk(spec, produce, forward, device, *bounds[c], bar)
+        atomic_write(_chunk_path(partial, c), lambda f: np.savez(f, **arrays), mode="wb")
+
+    with bar, torch.inference_mode():
+        for c in mine:
+            if _chunk_path(partial, c).is_file():
+                bar.update((bounds[c][1] - bounds[c][0]) * spec.k)  # done before an interruption
+            else:
+                make(c)
+        if rank != 0:
+            return root / spec.key()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if _valid(root / spec.key(), spec, bank):  # another process finished this build meanwhile
+                return root / spec.key()
+            missing = [c for c in range(len(bounds)) if not _chunk_path(partial, c).is_file()]
+            if missing and world_size > 1 and time.monotonic() < deadline:
+                time.sleep(2.0)  # the other ranks' chunks
+                continue
+            for c in missing:  # damaged ones (removed below), or those of ranks that gave up
+                make(c)
+            try:
+                return _assemble(root, spec, bank, partial, bounds)
+            except _DamagedChunk:
+                continue
+
+
+def _valid(path: Path, spec: CacheSpec, bank: ViewBank | RegionBank) -> bool:
+    if not path.exists():
+        return False
+    try:
+        TeacherCache.open(path, spec, bank)
+    except CacheInvalid:
+        return False
+    return True
+
+
+class _DamagedChunk(Exception):
+    """A chunk file that did not load (it has been removed, to be built again)."""
+
+
+def _assemble(root: Path, spec: CacheSpec, bank: ViewBank | RegionBank, partial: Path,
+              bounds: list[tuple[int, int]]) -> Path:
+    """Write the chunks as one cache directory, atomically renamed into place; remove the chunks."""
     final = root / spec.key()
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{spec.key()}-"))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like the run directory
     try:
-        k = spec.k
-        out = np.memmap(tmp / LOGITS_FILE, dtype="<f2", mode="w+", shape=(spec.num_images * k, spec.num_classes))
-        params = bank.all_params()
-        per_batch = max(1, batch_size // k)
-        bar = Progress(spec.num_images * k, f"teacher cache ({spec.num_images} images x {k} views)", "views", progress)
-        with bar, torch.no_grad():
-            for start in range(0, spec.num_images, per_batch):
-                stop = min(spec.num_images, start + per_batch)
-                x = images[start:stop].to(device).repeat_interleave(k, dim=0)
-                x = to_float(apply_views(x, params[start:stop].reshape(-1, 3)))
-                z = forward(x).float()
-                if z.shape != (len(x), spec.num_classes):
-                    raise CqkdError(f"the teacher returned logits of shape {tuple(z.shape)}, "
-                                    f"expected ({len(x)}, {spec.num_classes})")
-                out[start * k:stop * k] = z.cpu().numpy().astype("<f2")
-                bar.update(len(x))
-                hang_if_asked("cache")
-        out.flush()
-        del out
-        params.to(torch.int16).numpy().astype("<i2").tofile(tmp / VIEWS_FILE)
+        files = spec.files()
+        handles = {name: open(tmp / name, "wb") for name in files}
+        stats: list[dict[str, np.ndarray]] = []
+        try:
+            for c, (start, stop) in enumerate(bounds):
+                arrays = _load_chunk(partial, c, spec, start, stop)
+                if arrays is None:
+                    raise _DamagedChunk(c)
+                for name, (dtype, _) in files.items():
+                    handles[name].write(np.ascontiguousarray(arrays[name], dtype=dtype).tobytes())
+                stats.append({k: v for k, v in arrays.items() if k.startswith("_")})
+        finally:
+            for f in handles.values():
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
         header = {
-            "format": FORMAT, "version": VERSION, "key": spec.key(), "spec": asdict(spec),
-            "logits": {"file": LOGITS_FILE, "dtype": "float16", "shape": [spec.num_images * k, spec.num_classes]},
-            "views_table": {"file": VIEWS_FILE, "dtype": "int16", "shape": [spec.num_images, k, 3]},
-            "bytes": {LOGITS_FILE: spec.logits_bytes, VIEWS_FILE: spec.views_bytes},
-            "sha256": {LOGITS_FILE: file_sha256(tmp / LOGITS_FILE), VIEWS_FILE: file_sha256(tmp / VIEWS_FILE)},
+            "format": FORMAT, "version": VERSION, "key": spec.key(), "spec": spec.fields(),
+            "files": {name: {"dtype": d, "shape": list(s)} for name, (d, s) in files.items()},
+            "bytes": {name: spec.file_bytes(name) for name in files},
+            "sha256": {name: file_sha256(tmp / name) for name in files},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if spec.topk is not None:
+            header["topk_error"] = _topk_error(spec, stats)
         header["header_sha256"] = _header_checksum(header)
-        (tmp / HEADER_FILE).write_text(json.dumps(header, indent=2, sort_keys=True) + "\n")
-        for name in (LOGITS_FILE, VIEWS_FILE, HEADER_FILE):
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        if final.exists():
-            try:  # another process may have finished the same build meanwhile: keep theirs
-                TeacherCache.open(final, spec, bank)
-                shutil.rmtree(tmp, ignore_errors=True)
-                return final
-            except CacheInvalid:
-                _discard(final)
+        atomic_write(tmp / HEADER_FILE, lambda f: f.write(json.dumps(header, indent=2, sort_keys=True) + "\n"))
+        if _valid(final, spec, bank):  # another process finished the same build meanwhile: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(partial, ignore_errors=True)
+            return final
+        _discard(final)
         try:
             os.rename(tmp, final)
-        except OSError:
-            # another process renamed its (identical) build into place first: keep theirs
+        except OSError:  # another process renamed its (identical) build into place first: keep theirs
             shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
         return final
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _topk_error(spec: CacheSpec, chunks: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Mean and max KL(full || top-k) over all views at each of ``KL_TEMPERATURES``, and the kept mass."""
+    rows = spec.num_images * spec.k
+    kl_sum = sum(a["_kl_sum"] for a in chunks)
+    kl_max = np.max([a["_kl_max"] for a in chunks], axis=0)
+    return {"k": spec.topk, "temperatures": list(KL_TEMPERATURES),
+            "mean_kl": [float(v) / rows for v in kl_sum], "max_kl": [float(v) for v in kl_max],
+            "mean_kept_mass": float(sum(a["_kept_mass"][0] for a in chunks)) / rows}
 
 
 def _discard(path: Path) -> None:
@@ -239,9 +422,9 @@ def _discard(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def open_or_build(root: Path, spec: CacheSpec, bank: ViewBank, images: torch.Tensor,
+def open_or_build(root: Path, spec: CacheSpec, bank: ViewBank | RegionBank, produce: Produce,
                   forward: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str = "cpu",
-                  batch_size: int = 1024, progress: bool = True,
+                  chunk_views: int = CHUNK_VIEWS, progress: bool = True,
                   log: Callable[[str], None] | None = None) -> tuple[TeacherCache, float]:
     """Open the cache for ``spec`` under ``root``, building it first if it is missing or
     invalid. Returns the cache and the build time in seconds (0 when it was reused)."""
@@ -262,7 +445,7 @@ def open_or_build(root: Path, spec: CacheSpec, bank: ViewBank, images: torch.Ten
                 log(f"teacher cache {path} is invalid ({e}); rebuilding it")
                 _discard(path)
         start = time.perf_counter()
-        path = build(root, spec, bank, images, forward, device, batch_size, progress)
+        path = build(root, spec, bank, produce, forward, device, chunk_views, progress)
         elapsed = time.perf_counter() - start
     try:
         return TeacherCache.open(path, spec, bank), elapsed
@@ -284,7 +467,7 @@ def remove_stale(root: Path) -> None:
             continue  # its builder is alive
 
 
-def wait_for(root: Path, spec: CacheSpec, bank: ViewBank, timeout_s: float = 24 * 3600,
+def wait_for(root: Path, spec: CacheSpec, bank: ViewBank | RegionBank, timeout_s: float = 24 * 3600,
              poll_s: float = 2.0) -> TeacherCache:
     """Wait until another process (rank 0) has built the cache, then open it."""
     path = root / spec.key()

@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from cqkd.data.folder import BankSampler
 from cqkd.errors import RunInterrupted
 
 
@@ -28,7 +29,7 @@ def shuffle_generator(loader: Any) -> torch.Generator | None:
     from torch.utils.data import RandomSampler
 
     sampler = getattr(loader, "sampler", None)
-    if isinstance(sampler, RandomSampler):
+    if isinstance(sampler, (RandomSampler, BankSampler)) and getattr(sampler, "shuffle", True):
         sampler.generator = torch.Generator()
         return sampler.generator
     return None
@@ -114,6 +115,12 @@ class RunGuard(L.Callback):
     def _reseed(self, trainer: L.Trainer) -> None:
         if self.train_generator is not None:
             self.train_generator.manual_seed(_epoch_seed(self.seed, trainer.current_epoch))
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # a loader with workers draws the first epoch's order when its iterator is made, which
+        # happens before on_train_start (e.g. when the one-cycle schedule counts the batches)
+        if stage == "fit":
+            self._reseed(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.in_steps = True  # Lightning's SIGTERM handler is in place from here on

@@ -17,12 +17,11 @@ from cqkd.core.config import RunConfig
 from cqkd.core.io import load_tensors, save_tensors
 from cqkd.core.signals import hang_if_asked
 from cqkd.data.registry import DatasetInfo, ImageData
-from cqkd.distill.cache import BANK_SEED
 from cqkd.distill.loss import distillation_loss, supervised_loss
 from cqkd.distill.source import TeacherSource, make_teacher_source
 from cqkd.errors import CqkdError
 from cqkd.nets.teacher import Teacher, freeze
-from cqkd.views.augment import ViewBank, ViewSpec, apply_views, step_generator, to_float
+from cqkd.views.augment import BANK_SEED, ViewBank, ViewSpec, apply_views, step_generator, to_float
 from cqkd.views.degrade import Degradation, upsample_to
 
 
@@ -82,14 +81,13 @@ class CQKDModule(L.LightningModule):
         self.normalize = Normalize(info.mean, info.std)
         self.teacher_info = teacher
         self.teacher = teacher.model if teacher is not None else None
+        self._compiled_teacher = None  # torch.compile(self.teacher), made on first use (not a submodule)
         if teacher is not None:
             self.teacher_normalize = Normalize(teacher.mean, teacher.std)
-            freeze(self.teacher)
+            freeze(self.teacher).to(memory_format=torch.channels_last)  # faster convolutions, same values
         self.source: TeacherSource | None = None
         self.bank: ViewBank | None = None
-        if teacher is not None and train_data is not None and not info.loader_augments:
-            # (a loader that draws random crops has no per-image views to bank or cache: the
-            # teacher runs online on each batch's crops, below)
+        if teacher is not None and train_data is not None:
             self.source = make_teacher_source(cfg, teacher, train_data, info.num_classes)
         elif train_data is not None and not info.loader_augments:
             # supervised runs draw from the same per-image bank as distillation (same k, same
@@ -116,28 +114,50 @@ class CQKDModule(L.LightningModule):
     def student_forward(self, x_hr: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.model(self.normalize(self.degrade(x_hr, generator)))
 
-    @torch.no_grad()
     def teacher_forward(self, x_hr: torch.Tensor) -> torch.Tensor:
-        x = upsample_to(x_hr, self.teacher_info.input_size) if x_hr.shape[-1] != self.teacher_info.input_size else x_hr
-        return self.teacher(self.teacher_normalize(x)).float()
+        """The frozen teacher's float32 logits on float views in [0, 1] (inference mode, channels-last)."""
+        with torch.inference_mode():
+            x = upsample_to(x_hr, self.teacher_info.input_size) if x_hr.shape[-1] != self.teacher_info.input_size else x_hr
+            x = self.teacher_normalize(x).contiguous(memory_format=torch.channels_last)
+            z = self._teacher_fn()(x).float()
+        return z.clone()  # a normal tensor: inference tensors cannot be saved for the loss's backward
+
+    def _teacher_fn(self) -> nn.Module:
+        if not self.cfg.teacher_compile:
+            return self.teacher
+        if self._compiled_teacher is None:
+            self.__dict__["_compiled_teacher"] = torch.compile(self.teacher)  # kept out of the state dict
+        return self._compiled_teacher
 
     # ---------------------------------------------------------------- training
-    def on_fit_start(self) -> None:
-        if self.source is not None:
-            self.source.prepare(self.teacher_forward, self.device, self.global_rank, self.trainer.world_size,
-                                self.trainer.strategy.barrier, progress=self.trainer.progress_bar_callback is not None)
+    def setup(self, stage: str) -> None:
+        """Open (or build) the teacher cache before any loader starts its workers, which then
+        replay the cached regions; the teacher goes to the training device first."""
+        if stage != "fit" or self.source is None:
+            return
+        device = self.trainer.strategy.root_device
+        self.teacher.to(device)
+        self.teacher_normalize.to(device)
+        context = self.trainer.precision_plugin.forward_context
+
+        def forward(x: torch.Tensor) -> torch.Tensor:  # under the run's autocast, in the steps and the cache build
+            with context():
+                return self.teacher_forward(x)
+
+        self.source.prepare(forward, device, self.global_rank, self.trainer.world_size,
+                            self.trainer.strategy.barrier, progress=self.trainer.progress_bar_callback is not None)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y, idx = batch
+        x, y, idx, *which = batch  # image folders with a region bank add the region drawn for each image
         g = step_generator(self.cfg.seed, self.global_step, self.global_rank)
         if self.source is not None:  # CQKD: a view from the image's bank and the teacher's logits on it
-            x_hr, z_t = self.source(x, idx, g)
+            x_hr, z_t = self.source(x, idx, g, which[0] if which else None)
         elif self.bank is not None:  # supervised: a view from the image's bank, drawn as above
             x_hr = to_float(apply_views(x, self.bank.params(idx, self.bank.draw(len(idx), g))))
             z_t = None
         else:  # the loader drew the views (image folders): identity here
             x_hr = to_float(apply_views(x, self.views.sample(len(y), g)))
-            z_t = self.teacher_forward(x_hr) if self.teacher is not None else None
+            z_t = self.teacher_forward(x_hr) if self.teacher is not None else None  # no train_data: benchmarks
         z_s = self.student_forward(x_hr, g)
         if z_t is None:
             terms = supervised_loss(z_s, y, self.step.label_smoothing)

@@ -23,7 +23,8 @@ MAX_DEVICES = 1024
 def load_splits(cfg: RunConfig) -> Splits:
     """The dataset splits of ``cfg``, checked against its degradation's size."""
     splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_samples, cfg.val_size, crop_size=cfg.crop_size,
-                          skip_bad_images=cfg.skip_bad_images, augment=cfg.augment)
+                          skip_bad_images=cfg.skip_bad_images, augment=cfg.augment,
+                          views_per_image=cfg.views_per_image)
     hang_if_asked("data")
     size = cfg.degradation_spec().size
     if size > splits.info.image_size:

@@ -121,6 +121,9 @@ def step_generator(seed: int, step: int, rank: int = 0, stream: int = 0) -> torc
 ALL_VIEWS = "all"
 
 
+BANK_SEED = 0  # fixed, like the split seed: runs with different seeds share one bank (and one teacher cache)
+
+
 class ViewBank:
     """A fixed set of ``k`` views per image, drawn once from a seed.
 
