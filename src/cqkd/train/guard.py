@@ -97,7 +97,10 @@ class RunGuard(L.Callback):
               file=sys.stderr, flush=True)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if threading.current_thread() is threading.main_thread():
+        self._take_sigint()
+
+    def _take_sigint(self) -> None:
+        if self._old_sigint is None and threading.current_thread() is threading.main_thread():
             self._old_sigint = signal.signal(signal.SIGINT, self._on_sigint)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -121,6 +124,7 @@ class RunGuard(L.Callback):
         # happens before on_train_start (e.g. when the one-cycle schedule counts the batches)
         if stage == "fit":
             self._reseed(trainer)
+            self._take_sigint()  # the teacher cache is built in the module's setup, right after this
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.in_steps = True  # Lightning's SIGTERM handler is in place from here on

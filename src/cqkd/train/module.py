@@ -21,6 +21,7 @@ from cqkd.distill.loss import distillation_loss, supervised_loss
 from cqkd.distill.source import TeacherSource, make_teacher_source
 from cqkd.errors import CqkdError
 from cqkd.nets.teacher import Teacher, freeze
+from cqkd.train.progress import EpochProgress
 from cqkd.views.augment import BANK_SEED, ViewBank, ViewSpec, apply_views, step_generator, to_float
 from cqkd.views.degrade import Degradation, upsample_to
 
@@ -145,7 +146,8 @@ class CQKDModule(L.LightningModule):
                 return self.teacher_forward(x)
 
         self.source.prepare(forward, device, self.global_rank, self.trainer.world_size,
-                            self.trainer.strategy.barrier, progress=self.trainer.progress_bar_callback is not None)
+                            self.trainer.strategy.barrier,
+                            progress=any(isinstance(c, EpochProgress) for c in self.trainer.callbacks))
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y, idx, *which = batch  # image folders with a region bank add the region drawn for each image
