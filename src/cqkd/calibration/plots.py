@@ -30,7 +30,7 @@ def reliability_diagram(entries: Sequence[Entry], out: str | os.PathLike, n_bins
     """Draw a reliability diagram of one or several runs and write it as a PNG to ``out``.
 
     Top: accuracy against mean top-1 confidence in ``n_bins`` equal-width bins (the bins of
-    ``cqkd.metrics.calibration_errors``), one line per entry, the diagonal of perfect
+    ``cqkd.calibration.metrics.calibration_errors``), one line per entry, the diagonal of perfect
     calibration, and each bin's gap to the diagonal shaded (a bar from conf to acc); the legend
     gives each run's ECE. Bottom: the number of samples per bin. The file is written
     atomically (a temporary file in the same directory, then ``os.replace``).

@@ -2,8 +2,8 @@
 
 In-memory datasets (Fashion-MNIST, CIFAR, synthetic) are held as one uint8 tensor
 (N, C, H, W) per split. Loaders yield ``(images_uint8, labels, indices)``; augmentation and
-degradation run later, on the batch and on the training device (see ``cqkd.views`` and
-``cqkd.quality``).
+degradation run later, on the batch and on the training device (see ``cqkd.views.augment`` and
+``cqkd.views.degrade``).
 
 A split is anything with ``labels`` (int64, N), ``__len__``, ``subset(index)`` and
 ``loader(batch_size, shuffle, ...)`` that builds its own DataLoader: ``ImageData`` (in memory)

@@ -32,7 +32,7 @@ def calibrate_run(run_path: str | os.PathLike, split: str = "val", ece_bins: int
     """Fit T_cal for the run in ``run_path`` on ``split`` and write ``calibration.json``.
 
     The logits are the run's own on its evaluation view (un-augmented, degraded as the run
-    was; ``cqkd.training.predict_logits``), from its saved weights. Returns (and writes) the
+    was; ``cqkd.train.predict.predict_logits``), from its saved weights. Returns (and writes) the
     fitted ``t_cal``, the split used, and NLL / ECE before and after scaling on val and test.
     Fitting on the test split is refused: T_cal would be tuned on the data it is judged on.
     """

@@ -1,17 +1,5 @@
-"""Training on Lightning: one LightningModule for supervised and CQKD runs, and ``fit_run``.
-
-One training step, top to bottom (see ``CQKDModule.training_step``)::
-
-    x, y, idx   = batch                                  uint8 full-resolution images, dataset indices
-    x_hr, z_t   = source(x, idx, g)                      a bank view of each image and the teacher's
-                                                         logits on it (network or cache, same values)
-    x_lr        = degrade(x_hr)                          the student's view of that crop
-    z_s         = student(normalise(x_lr))
-    loss        = (1-α)·CE(z_s, y) + α·T²·KL(softmax(z_t/(T_cal·T)) ‖ softmax(z_s/T))
-
-Supervised runs draw a fresh random view of each image instead (``ViewSpec.sample``) and have no
-``z_t``; see ``cqkd.teacher_source`` for the view bank and the teacher cache.
-"""
+"""Running a run: ``prepare`` (data, teacher and its T_cal, seeded student), ``fit_run`` (train, test,
+write the run directory) and ``evaluate_run``; the training step itself is ``train.module``."""
 
 from __future__ import annotations
 

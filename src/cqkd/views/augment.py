@@ -131,7 +131,7 @@ class ViewBank:
     dataset index ``i``, an integer ``j`` in ``[0, k)`` comes from the step generator and the
     view is ``bank.params(i, j)``. Because the bank is a pure function of (spec, number of
     images, k, seed), the teacher's output for every view a run can ever ask for is known in
-    advance, and can be computed once and cached (``cqkd.cache``).
+    advance, and can be computed once and cached (``cqkd.distill.cache``).
 
     With ``k >= spec.num_views`` (or ``k="all"``) every image gets every view, stored once as
     ``spec.enumerate()``, and drawing ``j`` uniformly gives exactly the distribution of
