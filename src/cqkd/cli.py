@@ -120,6 +120,7 @@ def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
 
 
 def cmd_train(args: argparse.Namespace, kind: str = "train") -> int:
+    """``cqkd train``: fit a run from the command line's config and print its test metrics."""
     from cqkd.train.fit import fit_run
 
     cfg = _config_from_args(args, kind)
@@ -133,10 +134,12 @@ def cmd_train(args: argparse.Namespace, kind: str = "train") -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    """``cqkd distill``: ``cqkd train`` with a teacher (kind ``distill``)."""
     return cmd_train(args, kind="distill")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``cqkd evaluate``: re-evaluate a run on the test split, with optional bootstrap intervals."""
     from cqkd.train.fit import evaluate_run
 
     _check_range("--bootstrap", args.bootstrap, 0, 1_000_000, "0 = no intervals")
@@ -165,6 +168,7 @@ def _check_range(option: str, value: int, low: int, high: int, note: str = "") -
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    """``cqkd calibrate``: fit the run's temperature on a split and write ``calibration.json``."""
     from cqkd.study.tables import calibration_table
     from cqkd.train.calibrate import calibrate_run
 
@@ -175,6 +179,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_plot_reliability(args: argparse.Namespace) -> int:
+    """``cqkd plot-reliability``: draw one reliability diagram (.png) from the test logits of one or more runs."""
     from pathlib import Path
 
     from cqkd.calibration.plots import reliability_diagram
@@ -205,6 +210,7 @@ def cmd_plot_reliability(args: argparse.Namespace) -> int:
 
 
 def cmd_runs_list(args: argparse.Namespace) -> int:
+    """``cqkd runs list``: print a table of the runs under a directory."""
     from cqkd.study.tables import runs_table
 
     runs_table(args.dir)
@@ -212,6 +218,7 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    """``cqkd models``: print the registered models with their parameters and FLOPs at the given input shape."""
     from cqkd.study.tables import models_table
 
     _check_range("--size", args.size, 1, 1024)
@@ -222,6 +229,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """``cqkd demo``: run the small demo study; exit 1 if any of its runs failed."""
     from cqkd.study.demo import run_demo
 
     if args.epochs is not None:
@@ -234,6 +242,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``cqkd`` argument parser with every subcommand."""
     from cqkd import __version__
 
     parser = _Parser(
@@ -311,6 +320,7 @@ _EXTENSIONS: list[Callable[[Any, Callable[..., argparse.ArgumentParser]], None]]
 
 # ---------------------------------------------------------------------- sweep and report
 def cmd_sweep(args: argparse.Namespace) -> int:
+    """``cqkd sweep``: launch (or resume) a sweep's runs, or with ``--status`` print its progress."""
     from cqkd.core.rundir import check_sweep_dir
     from cqkd.errors import RunInterrupted
     from cqkd.study.launch import launch
@@ -335,6 +345,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """``cqkd report``: write a sweep's markdown report, CSV table and figures."""
     from cqkd.study.report import write_report
 
     paths = write_report(args.dir)
@@ -343,6 +354,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_report_conditions(args: argparse.Namespace) -> int:
+    """``cqkd report-conditions``: write the report comparing runs across conditions."""
     from cqkd.study.conditions import write_conditions_report
 
     print(f"report: {write_conditions_report(args.dir, args.main, args.out)}")
@@ -388,6 +400,7 @@ EXIT_SKIPPED = 3  # cqkd predict --skip-bad-images: some files were unreadable, 
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """``cqkd predict``: classify image files with a trained run and print or write the predictions."""
     from cqkd.deploy.files import FORMATS, format_predictions, predict_files, write_predictions
     from cqkd.deploy.predictor import load_predictor
     from cqkd.errors import unknown_name
@@ -426,6 +439,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """``cqkd export``: export a run's model to a deployable format and check its parity on test images."""
     from cqkd.deploy.export import export_run
 
     done = export_run(args.run, args.format, args.out, with_preprocessing=args.with_preprocessing,
@@ -493,6 +507,7 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``cqkd`` command line on ``argv`` and return its exit status (errors become one line on stderr)."""
     from cqkd.core.signals import install_sigterm_handler
 
     _quiet_libraries()

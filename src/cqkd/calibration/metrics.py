@@ -120,6 +120,7 @@ def calibration_errors(logits: torch.Tensor, labels: torch.Tensor, n_bins: int =
 
 
 def ece(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """Expected calibration error of ``logits`` against ``labels`` over ``n_bins`` equal-width confidence bins."""
     return calibration_errors(logits, labels, n_bins)["ece"]
 
 

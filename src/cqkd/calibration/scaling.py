@@ -1,21 +1,6 @@
 """Temperature scaling (Guo et al., 2017) and the calibration of a run.
 
-Temperature scaling divides every logit vector by one scalar T_cal > 0 fitted by minimising
-the negative log-likelihood on a held-out split:
-
-    T_cal = argmin_{T > 0}  −(1/N) Σ_i log softmax(z_i / T)_{y_i}
-
-It changes confidences but never the argmax, so accuracy is unchanged. The fit runs on
-u = log T (so T stays positive) with a golden-section search: the NLL is convex in 1/T, hence
-unimodal in log T, and the search is deterministic and needs no learning rate.
-
-    C. Guo, G. Pleiss, Y. Sun, K. Q. Weinberger. On Calibration of Modern Neural Networks.
-    ICML 2017. https://arxiv.org/abs/1706.04599
-
-A run's calibration lives in ``<run>/calibration.json``: ``calibrate_run`` fits T_cal on the
-validation split (never on test) and records NLL and ECE before and after on val and test;
-``cqkd.train.calibrate.run_t_cal`` reads it (fitting it first if absent), which is how a distillation
-run with ``--teacher-calibration temperature`` or ``--temperature calibrated`` gets T_cal.
+Details: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -67,9 +52,11 @@ class TemperatureScaler:
 
     @property
     def fitted(self) -> bool:
+        """Whether a temperature has been fitted (or loaded)."""
         return self.t_cal is not None
 
     def fit(self, logits: torch.Tensor, labels: torch.Tensor) -> "TemperatureScaler":
+        """Fit the NLL-minimising temperature in [t_min, t_max] to ``logits`` (N, K) and ``labels`` (N,); returns self."""
         z = logits.detach().cpu().double()
         y = labels.detach().cpu().long()
         if z.ndim != 2 or y.ndim != 1 or len(z) != len(y):
@@ -115,16 +102,19 @@ class TemperatureScaler:
         return logits / self.t_cal
 
     def fit_transform(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Fit the temperature on ``logits`` and ``labels`` and return the rescaled logits."""
         return self.fit(logits, labels).transform(logits)
 
     # ---------------------------------------------------------------- persistence
     def to_dict(self) -> dict[str, Any]:
+        """The fitted scaler as a JSON-ready dict (the contents of ``calibration.json``)."""
         return {"method": "temperature", "t_cal": self.t_cal, "nll_before": self.nll_before,
                 "nll_after": self.nll_after, "n": self.n, "at_bound": self.at_bound,
                 "t_min": self.t_min, "t_max": self.t_max}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "calibration") -> "TemperatureScaler":
+        """A scaler from a dict written by :meth:`to_dict`; ``CqkdError`` naming ``where`` if it is not a valid one."""
         if not isinstance(data, dict) or data.get("method", "temperature") != "temperature":
             raise CqkdError(f"{where}: not a temperature-scaling calibration")
         t = data.get("t_cal")
@@ -144,6 +134,7 @@ class TemperatureScaler:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TemperatureScaler":
+        """A scaler from a ``calibration.json`` file."""
 
         return cls.from_dict(read_json(path), where=str(path))
 

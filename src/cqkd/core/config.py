@@ -110,6 +110,7 @@ class RunConfig:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "config") -> "RunConfig":
+        """A validated config from a raw mapping (unknown keys and bad values raise ``CqkdError`` naming ``where``)."""
         hints = typing.get_type_hints(cls)
         check_keys(raw, CONFIG_KEYS, where)
         values = {k: _coerce(k, v, hints[k], where) for k, v in raw.items()}
@@ -118,9 +119,11 @@ class RunConfig:
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as a plain dict (every field)."""
         return asdict(self)
 
     def replace(self, **changes: Any) -> "RunConfig":
+        """A validated copy of this config with ``changes`` applied."""
         return RunConfig.from_dict({**self.to_dict(), **changes})
 
     def digest(self) -> str:
@@ -137,6 +140,7 @@ class RunConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self, where: str = "config") -> None:
+        """Raise ``CqkdError`` naming ``where`` if any setting is out of range or inconsistent."""
         def bad(key: str, why: str) -> CqkdError:
             return CqkdError(f"{where}: {key}={getattr(self, key)!r}: {why}")
 
@@ -229,6 +233,7 @@ class RunConfig:
                 raise bad(key, "is not a usable path or name (a NUL byte, or longer than 4096 characters)")
 
     def degradation_spec(self):
+        """The run's :class:`Degradation`: parsed from ``degradation`` if set, else ``size`` with ``resize_mode``."""
 
         if self.degradation:
             return Degradation.parse(self.degradation)

@@ -73,18 +73,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as indented, key-sorted JSON to ``path`` atomically."""
     atomic_write(path, lambda f: f.write(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
 def write_yaml(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as YAML to ``path`` atomically."""
     atomic_write(path, lambda f: yaml.safe_dump(data, f, sort_keys=False))
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
     atomic_write(path, lambda f: f.write(text))
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+    """Save a dict of tensors to ``path`` (``torch.save``) atomically."""
     atomic_write(path, lambda f: torch.save(tensors, f), mode="wb")
 
 

@@ -1,21 +1,6 @@
 """Run directories: what a run writes, atomically, and in which state it is.
 
-Layout of a run directory::
-
-    .cqkd-run.json     the ownership marker: the files cqkd writes here (nothing else is touched)
-    .cqkd.lock         the lock held by the one process that writes the run (see cqkd.core.lock)
-    config.yaml        the fully resolved RunConfig (enough to rerun)
-    status.json        {"state": "running" | "finished" | "failed", ...}
-    metrics.json       test metrics and run facts, written last
-    test_logits.pt     {"logits", "labels"} of the test split (plain tensors)
-    model.safetensors  the selected (best on val) weights of the trained model
-    checkpoints/       Lightning checkpoints: best.ckpt (on val), last.ckpt (epoch end),
-                       step.ckpt (every N steps), interrupted.ckpt (Ctrl-C / SIGTERM)
-    metrics.csv        training curves (Lightning's CSVLogger)
-
-Every file is written to a temporary name in the same directory and renamed into place,
-so a reader never sees half a file. Runs written before the marker existed (config.yaml and
-status.json, no marker) own the standard names above.
+Details: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -89,9 +74,11 @@ class RunDir:
 
     @property
     def is_finished(self) -> bool:
+        """Whether the run finished and wrote its ``metrics.json``."""
         return self.state == "finished" and self.metrics_file.exists()
 
     def set_state(self, state: str, **info: Any) -> None:
+        """Record the run's ``state`` (with a timestamp and ``info``) in its status file."""
         assert state in STATES, state
         write_json(self.status_file, {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info})
 
@@ -236,18 +223,22 @@ class RunDir:
 
     # ---------------------------------------------------------------- contents
     def config(self) -> RunConfig:
+        """The run's validated config (``config.yaml``); ``CqkdError`` if the directory has none."""
         if not self.config_file.exists():
             raise CqkdError(f"{str(self.path)!r} is not a cqkd run directory (no config.yaml)")
         raw = read_yaml(self.config_file)
         return RunConfig.from_dict(raw, where=str(self.config_file))
 
     def metrics(self) -> dict[str, Any]:
+        """The run's test metrics (``metrics.json``)."""
         return read_json(self.metrics_file)
 
     def test_logits(self) -> dict[str, torch.Tensor]:
+        """The run's test logits and labels (``test_logits.pt``)."""
         return load_tensors(self.logits_file)
 
     def require_weights(self) -> Path:
+        """The path of the run's trained weights; ``CqkdError`` if they are missing."""
         if not self.weights_file.exists():
             hint = " (the run is still running or failed)" if self.state in ("running", "failed") else ""
             raise CqkdError(f"run {str(self.path)!r} has no trained model ({self.weights_file.name} missing){hint}")
@@ -295,6 +286,7 @@ def _unlink_inside(root: Path, name: str) -> None:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether a process with id ``pid`` exists (even if owned by another user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

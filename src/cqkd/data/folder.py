@@ -1,35 +1,6 @@
 """ImageNet-style image folders, decoded in DataLoader workers.
 
-Layout (``--dataset imagefolder --data-dir DIR``)::
-
-    DIR/train/<class>/<image>     the official training images
-    DIR/val/<class>/<image>       the official validation images: cqkd's *test* split
-
-Classes are the sorted sub-directories of ``DIR/train``; image files are those with a known
-extension (``IMAGE_EXTENSIONS``, any case; other files and hidden files are ignored). cqkd's
-``val`` split (checkpoint selection and calibration) is held out of ``DIR/train`` with a fixed
-seed (``val_size`` images; by default 2% of train, at most 10,000).
-
-Each image is decoded once per epoch, in a DataLoader worker, to uint8 RGB (3, H, W) and
-cropped to ``crop_size`` (the teacher's input side length, 224 by default):
-
-* training: a random resized crop (scale 0.08-1, aspect ratio 3/4-4/3) to ``crop_size`` and a
-  random horizontal flip (``augment: none`` turns both off and uses the evaluation crop);
-* evaluation (val, test): resize the shorter side to ``round(crop_size * 256 / 224)`` (256 for
-  224) and take the central ``crop_size`` square.
-
-With ``views_per_image: K`` the training split draws from a bank of K regions per image
-(``cqkd.views.regions.RegionBank``): its sampler yields (index, j) pairs and the batches carry j
-as a fourth element, so a teacher cache can hold the teacher's outputs on exactly those crops.
-
-The loaders yield ``(uint8 (N, 3, S, S), labels, indices)`` like the in-memory ones; the
-degradation to the student's size then runs batch-wise on the training device, on the same
-crop the teacher sees. Because the loader has already drawn the views, the dataset's info has
-``loader_augments=True`` and the training module applies no further batch views.
-
-An unreadable file stops the run with an error naming it; with ``skip_bad_images`` it is
-logged, replaced by the next readable image of the split, and counted (``metrics.json``:
-``skipped_images``, ``skipped_files``).
+Details: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -147,6 +118,7 @@ class FolderSplit(Dataset):
         return len(self.paths)
 
     def subset(self, index: torch.Tensor) -> "FolderSplit":
+        """The split restricted to the images at ``index``."""
         idx = index.tolist()
         return FolderSplit(self.name, [self.paths[i] for i in idx], self.labels[index],
                            self.crop_size, self.augment, self.skip_bad, self.regions)
@@ -212,6 +184,7 @@ class FolderSplit(Dataset):
 
     def loader(self, batch_size: int, shuffle: bool, num_workers: int = 0, drop_last: bool = False,
                seed: int = 0, pin_memory: bool = False) -> DataLoader:
+        """A DataLoader over this split, seeded by ``seed`` (with a region-bank sampler when the split has regions)."""
         generator = torch.Generator().manual_seed(seed)
         sampler = BankSampler(len(self), self.regions.k, shuffle, generator) if self.regions is not None else None
         return DataLoader(
@@ -272,6 +245,7 @@ def scan(root: Path, classes: tuple[str, ...] | None = None) -> tuple[list[str],
 
 
 def default_val_size(n: int) -> int:
+    """The validation split's size for ``n`` training images: 2%, at least 1 and at most 10,000."""
     return max(1, min(10_000, round(0.02 * n)))
 
 

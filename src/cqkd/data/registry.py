@@ -1,18 +1,6 @@
 """Datasets by name, their splits, and the loaders that feed whole batches.
 
-In-memory datasets (Fashion-MNIST, CIFAR, synthetic) are held as one uint8 tensor
-(N, C, H, W) per split. Loaders yield ``(images_uint8, labels, indices)``; augmentation and
-degradation run later, on the batch and on the training device (see ``cqkd.views.augment`` and
-``cqkd.views.degrade``).
-
-A split is anything with ``labels`` (int64, N), ``__len__``, ``subset(index)`` and
-``loader(batch_size, shuffle, ...)`` that builds its own DataLoader: ``ImageData`` (in memory)
-here, ``FolderSplit`` (decoded from files in DataLoader workers) in ``cqkd.data_folder``.
-Datasets whose loader already augments (``DatasetInfo.loader_augments``) get no batch views.
-
-Splits: ``train`` (what the model learns from), ``val`` (held out of the official training
-set with a fixed seed; checkpoint selection and calibration), ``test`` (the official test set;
-used for nothing but the final report).
+Details: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -32,6 +20,7 @@ SPLIT_SEED = 0  # the val split and train subsets never depend on the run's seed
 
 @dataclass(frozen=True)
 class DatasetInfo:
+    """A dataset's name, classes, channels, image size and normalisation statistics."""
     name: str
     num_classes: int
     channels: int
@@ -53,15 +42,18 @@ class ImageData:
         return len(self.labels)
 
     def subset(self, index: torch.Tensor) -> "ImageData":
+        """The split restricted to the images at ``index``."""
         return ImageData(self.images[index], self.labels[index])
 
     def loader(self, batch_size: int, shuffle: bool, num_workers: int = 0, drop_last: bool = False,
                seed: int = 0, pin_memory: bool = False) -> DataLoader:
+        """A DataLoader over this split (see :func:`make_loader`)."""
         return make_loader(self, batch_size, shuffle, num_workers, drop_last, seed, pin_memory)
 
 
 @dataclass
 class Splits:
+    """A dataset's info and its train, val and test splits."""
     info: DatasetInfo
     train: ImageData  # or any split with the same interface (see the module docstring)
     val: ImageData
@@ -70,6 +62,7 @@ class Splits:
     extra: dict[str, object] = field(default_factory=dict)
 
     def split(self, name: str) -> ImageData:
+        """The split called ``name`` (train, val or test)."""
         if name not in ("train", "val", "test"):
             raise CqkdError(f"unknown split {name!r} (valid: train, val, test)")
         return getattr(self, name)
@@ -99,6 +92,7 @@ def _batch_passthrough(batch):
 
 def make_loader(data: ImageData, batch_size: int, shuffle: bool, num_workers: int = 0,
                 drop_last: bool = False, seed: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A seeded DataLoader over an in-memory split, or the split's own loader for any other kind."""
     if not isinstance(data, ImageData):  # a split that builds its own loader
         return data.loader(batch_size, shuffle, num_workers, drop_last, seed, pin_memory)
     generator = torch.Generator().manual_seed(seed)
@@ -114,6 +108,7 @@ DATASETS: dict[str, Loader] = {}
 
 
 def register_dataset(name: str) -> Callable[[Loader], Loader]:
+    """Decorator registering a dataset loader under ``name``."""
     def wrap(fn: Loader) -> Loader:
         DATASETS[name] = fn
         return fn
@@ -151,6 +146,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
 
 
 def dataset_info(name: str, data_dir: str | os.PathLike | None = None) -> DatasetInfo:
+    """The :class:`DatasetInfo` of dataset ``name``."""
     return load_dataset(name, data_dir).info
 
 

@@ -55,6 +55,7 @@ class Parity:
 
     @property
     def ok(self) -> bool:
+        """Whether the export agrees on every top-1 and its logits are within the tolerance."""
         return self.top1_disagreements == 0 and self.max_abs_logit_diff <= self.tolerance
 
 

@@ -79,6 +79,7 @@ class Predictor(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device the model's parameters are on."""
         return next(self.model.parameters()).device
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:

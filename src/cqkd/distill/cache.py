@@ -98,6 +98,7 @@ class CacheSpec:
         return {k: v for k, v in asdict(self).items() if not (k in LATE_SPEC and v == LATE_SPEC[k])}
 
     def key(self) -> str:
+        """The cache's key: a 16-hex-digit SHA-256 of the format, version and spec fields."""
         payload = json.dumps({"format": FORMAT, "version": VERSION, **self.fields()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -118,6 +119,7 @@ class CacheSpec:
         return out
 
     def file_bytes(self, name: str) -> int:
+        """Bytes of data file ``name``."""
         dtype, shape = self.files()[name]
         return math.prod(shape) * np.dtype(dtype).itemsize
 
@@ -128,9 +130,11 @@ class CacheSpec:
 
     @property
     def views_bytes(self) -> int:
+        """Bytes of the view tables (without the teacher's targets)."""
         return sum(self.file_bytes(f) for f in self.files()) - self.logits_bytes
 
     def chunk_images(self, chunk_views: int = CHUNK_VIEWS) -> int:
+        """Images per build chunk: ``chunk_views`` divided by the views per image (at least 1)."""
         return max(1, chunk_views // self.k)
 
 

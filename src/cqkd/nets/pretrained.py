@@ -21,6 +21,7 @@ DOWNLOAD_TIMEOUT_S = 30.0
 
 @dataclass
 class Pretrained:
+    """A pretrained model with its label and the input normalisation and size it expects."""
     model: nn.Module
     label: str  # e.g. "torchvision:resnet50.IMAGENET1K_V2"
     mean: tuple[float, ...]
@@ -52,6 +53,7 @@ def _check_fit(label: str, classes: int, num_classes: int, in_channels: int) -> 
 
 
 def torchvision_pretrained(name: str, weights: str, num_classes: int, in_channels: int) -> Pretrained:
+    """Torchvision model ``name`` with pretrained ``weights``, checked against the classes and channels."""
     import torch
     import torchvision
 
@@ -78,6 +80,7 @@ def torchvision_pretrained(name: str, weights: str, num_classes: int, in_channel
 
 
 def timm_pretrained(arch: str, weights: str, num_classes: int, in_channels: int) -> Pretrained:
+    """Timm model ``arch`` with pretrained ``weights``, checked against the classes and channels."""
     import timm
 
     full = arch if weights in ("pretrained", "DEFAULT", "default") else f"{arch}.{weights}"

@@ -20,6 +20,7 @@ from cqkd.errors import CqkdError, unknown_name
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """A registered model: its name, family, description, builder and minimum input size."""
     name: str
     family: str
     description: str
@@ -31,6 +32,7 @@ MODELS: dict[str, ModelSpec] = {}
 
 
 def register_model(name: str, family: str, description: str, min_size: int = 1):
+    """Decorator registering a model builder ``(num_classes, in_channels, input_size)`` under ``name``."""
     def wrap(fn: Callable[[int, int, int], nn.Module]):
         MODELS[name] = ModelSpec(name, family, description, fn, min_size)
         return fn
@@ -71,11 +73,13 @@ class SmallCNN(nn.Module):
 
 @register_model("cnn-small", "cnn", "3 stages (32, 64, 128), one conv each; a cheap student")
 def cnn_small(num_classes: int, in_channels: int, input_size: int) -> nn.Module:
+    """The small CNN: 3 stages (32, 64, 128), one conv each."""
     return SmallCNN(num_classes, in_channels, input_size, (32, 64, 128), depth=1)
 
 
 @register_model("cnn-large", "cnn", "3 stages (32, 64, 128), two convs each, dropout 0.2; a teacher")
 def cnn_large(num_classes: int, in_channels: int, input_size: int) -> nn.Module:
+    """The large CNN: 3 stages (32, 64, 128), two convs each, dropout 0.2."""
     return SmallCNN(num_classes, in_channels, input_size, (32, 64, 128), depth=2, dropout=0.2)
 
 
@@ -108,11 +112,13 @@ def _torchvision(name: str, num_classes: int, in_channels: int) -> nn.Module:
 
 @register_model("resnet18", "torchvision", "torchvision ResNet-18 (11.7M params); the paper's student", min_size=8)
 def resnet18(num_classes: int, in_channels: int, input_size: int) -> nn.Module:
+    """Torchvision ResNet-18 for the given classes and channels."""
     return _torchvision("resnet18", num_classes, in_channels)
 
 
 @register_model("resnet50", "torchvision", "torchvision ResNet-50 (25.6M params); the paper's teacher", min_size=8)
 def resnet50(num_classes: int, in_channels: int, input_size: int) -> nn.Module:
+    """Torchvision ResNet-50 for the given classes and channels."""
     return _torchvision("resnet50", num_classes, in_channels)
 
 
@@ -141,6 +147,7 @@ def resolve(name: str) -> ModelSpec:
 
 
 def build_model(name: str, num_classes: int, in_channels: int, input_size: int) -> nn.Module:
+    """Build registered model ``name``; ``CqkdError`` if ``input_size`` is below its minimum."""
     spec = resolve(name)
     if input_size < spec.min_size:
         raise CqkdError(f"model {name!r} needs inputs of at least {spec.min_size} px, got {input_size}")
@@ -148,6 +155,7 @@ def build_model(name: str, num_classes: int, in_channels: int, input_size: int) 
 
 
 def count_params(model: nn.Module) -> int:
+    """The number of parameters of ``model``."""
     return sum(p.numel() for p in model.parameters())
 
 

@@ -30,6 +30,7 @@ RULE = ("*holds*: the 95% bootstrap CI of the effect (resampling seeds and test 
 
 
 def mean_std(values: list[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation and count of the values that are not None or NaN."""
     v = [x for x in values if x is not None and not math.isnan(x)]
     n = len(v)
     if n == 0:
@@ -71,6 +72,7 @@ class Series:
 
 
 def distill_series(rows: list[dict[str, Any]]) -> list[Series]:
+    """The finished distillation runs grouped into series by the settings that vary, largest size first."""
     done = [r for r in rows if r["role"] == "distill" and r["state"] == "finished"]
     vary = _varying(done, {"temperature", "teacher_calibration", "kind"})
     if "size" not in vary:
@@ -115,6 +117,7 @@ def settings_table(s: Series) -> list[dict[str, Any]]:
 
 
 def supervised_for(rows: list[dict[str, Any]], size: int, model: str | None = None) -> list[dict[str, Any]]:
+    """The finished supervised runs at ``size``: those of ``model`` if any, else all of them."""
     sup = [r for r in rows if r["role"] == "supervised" and r["state"] == "finished" and int(r["size"]) == size]
     same_model = [r for r in sup if r.get("model") == model]
     return same_model or sup

@@ -114,6 +114,7 @@ def collect_rows(directory: str | os.PathLike) -> tuple[list[dict[str, Any]], di
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> list[str]:
+    """Write ``rows`` as a CSV file (columns in first-seen order) atomically; returns the columns."""
     columns: list[str] = []
     for row in rows:
         for k in row:

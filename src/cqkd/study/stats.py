@@ -40,6 +40,7 @@ class PerImage:
 
     @property
     def n(self) -> int:
+        """The number of images."""
         return len(self.correct)
 
 

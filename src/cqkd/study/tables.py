@@ -42,12 +42,14 @@ def metrics_table(title: str, metrics: dict[str, Any]) -> None:
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """``rows`` under ``headers`` as a markdown table."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
 def print_rows(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Print ``rows`` under ``headers`` as a rich table titled ``title``."""
     from rich.console import Console
     from rich.table import Table
 

@@ -1,28 +1,6 @@
 """Fault tolerance: atomic and safe checkpoints, clean interruption, and resuming a run.
 
-Checkpoints of a run directory (``checkpoints/``)::
-
-    last.ckpt          end of the latest epoch, after validation (Lightning's ModelCheckpoint)
-    best.ckpt          the epoch with the best val/top1 (what the test split is evaluated on)
-    step.ckpt          every ``checkpoint_every_n_steps`` optimizer steps (survives kill -9)
-    interrupted.ckpt   written after the current step when Ctrl-C or SIGTERM arrives
-    (step.ckpt and interrupted.ckpt are deleted once the run finishes)
-
-Every checkpoint is written to a temporary file in the same directory, fsynced and renamed
-into place (``AtomicCheckpointIO``), so a kill at any moment leaves the previous version
-intact. Checkpoints are only ever read with ``torch.load(weights_only=True)``, which refuses
-pickled code. ``--resume`` picks the most advanced of them whose cqkd version and config
-digest match the run (``resume_checkpoint``).
-
-What makes a resumed run end like an uninterrupted one:
-- the training views and degradation noise come from ``step_generator(seed, global_step)``;
-- the shuffling of each epoch is reseeded from ``(seed, epoch)`` (``RunGuard``);
-- the global torch RNG (e.g. dropout) is stored in the checkpoint and restored;
-- Lightning restores weights, optimizer, scheduler, loop counters and the best-checkpoint
-  bookkeeping.
-A run resumed from an epoch-end checkpoint reproduces the uninterrupted run's metrics; one
-resumed from a mid-epoch checkpoint finishes correctly but sees a different subset of that
-epoch's batches (Lightning cannot fast-forward a plain DataLoader).
+Details: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -66,11 +44,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        """Write ``checkpoint`` to ``path`` atomically."""
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
         atomic_write(path, lambda f: torch.save(checkpoint, f), mode="wb")
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load the checkpoint at ``path`` safely (see :func:`load_checkpoint`)."""
         return load_checkpoint(path)
 
 
@@ -128,6 +108,7 @@ def check_teacher(path: Path, teacher_digest: str, teacher_path: str) -> None:
 
 
 def checkpoint_step(path: Path) -> int:
+    """The global step a checkpoint was saved at (0 if not recorded)."""
     return int(load_checkpoint(path).get("global_step", 0))
 
 

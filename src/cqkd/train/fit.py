@@ -191,6 +191,7 @@ def _float(x: Any) -> float | None:
 
 
 def collect_metrics(module: CQKDModule, cfg: RunConfig, info: DatasetInfo, teacher: Teacher | None) -> dict[str, Any]:
+    """The run's test metrics with its settings, and for a distillation the teacher's metrics and source."""
     res = module.test_results
     degradation = module.step.degradation
     size = degradation.output_size(info.image_size)
@@ -225,6 +226,7 @@ def _summary(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_outputs(run: RunDir, module: CQKDModule, metrics: dict[str, Any]) -> None:
+    """Write the run's test logits, weights, metrics and reliability diagram."""
     from safetensors.torch import save
 
     res = module.test_results

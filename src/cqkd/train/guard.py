@@ -142,6 +142,7 @@ class RunGuard(L.Callback):
 
     # ---- checkpoints
     def save(self, trainer: L.Trainer, name: str) -> str:
+        """Save the trainer's checkpoint as ``name`` in the checkpoint directory; returns its path."""
         path = self.checkpoint_dir / name
         trainer.save_checkpoint(path)
         return str(path)

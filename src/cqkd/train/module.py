@@ -103,6 +103,7 @@ class CQKDModule(L.LightningModule):
 
     # ---------------------------------------------------------------- plumbing
     def train(self, mode: bool = True) -> "CQKDModule":
+        """Set train/eval mode for the student; the teacher always stays in eval mode."""
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()
@@ -113,6 +114,7 @@ class CQKDModule(L.LightningModule):
         checkpoint["cqkd"] = {"version": __version__, "config_digest": self.cfg.digest()}
 
     def student_forward(self, x_hr: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The student's logits on the degraded, normalised view of the full-resolution batch ``x_hr``."""
         return self.model(self.normalize(self.degrade(x_hr, generator)))
 
     def teacher_forward(self, x_hr: torch.Tensor) -> torch.Tensor:
@@ -225,6 +227,7 @@ class CQKDModule(L.LightningModule):
         return Path(t.path) / "eval" / f"test-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
     def load_teacher_memo(self, num_test: int) -> None:
+        """Load the teacher's memoised test logits if they exist and cover ``num_test`` images."""
         path = self.teacher_memo_path()
         self.teacher_memo = None
         if path is None or not path.exists():
@@ -237,6 +240,7 @@ class CQKDModule(L.LightningModule):
             self.teacher_memo = memo
 
     def save_teacher_memo(self) -> None:
+        """Memoise the teacher's test logits for other students, if computed on the whole test split in order."""
         path = self.teacher_memo_path()
         res = self.test_results
         if path is None or self.teacher_memo is not None or "teacher_logits" not in res:

@@ -91,6 +91,7 @@ def is_rank_zero() -> bool:
 def make_trainer(cfg: RunConfig, run_dir: Path | None, progress: bool = True,
                  extra_callbacks: list[Any] | None = None, resume_step: int | None = None,
                  **overrides: Any) -> L.Trainer:
+    """A Lightning Trainer for ``cfg``, with checkpoints, CSV log and progress in ``run_dir`` if given."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
 

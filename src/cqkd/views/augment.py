@@ -53,6 +53,7 @@ class ViewSpec:
         return cls(flip=flip, translate=translate)
 
     def spec(self) -> str:
+        """The views as a spec string (``none``, or e.g. ``flip,translate=4``)."""
         if self.is_identity:
             return "none"
         parts = (["flip"] if self.flip else []) + ([f"translate={self.translate}"] if self.translate else [])
@@ -60,6 +61,7 @@ class ViewSpec:
 
     @property
     def is_identity(self) -> bool:
+        """Whether the views are the image itself (no flip, no translation)."""
         return not self.flip and self.translate == 0
 
     @property

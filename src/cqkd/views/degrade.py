@@ -85,6 +85,7 @@ class Degradation:
         return ",".join(parts)
 
     def output_size(self, input_size: int) -> int:
+        """The side of the degraded view for inputs of side ``input_size``."""
         return input_size if self.upsample else self.size
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -99,4 +99,5 @@ class RegionBank:
         return torch.stack([draw_region(h, w, self.spec, g) for _ in range(self.k)])
 
     def describe(self) -> str:
+        """A one-line description of the bank: its view spec, views per image and seed."""
         return f"{self.spec.spec()}; bank of {self.k} per image, seed {self.seed}"
