@@ -55,7 +55,7 @@ class ImageData:
 class Splits:
     """A dataset's info and its train, val and test splits."""
     info: DatasetInfo
-    train: ImageData  # or any split with the same interface (see the module docstring)
+    train: ImageData  # or any split with the same interface (see docs/architecture.md)
     val: ImageData
     test: ImageData
     source: str = ""

@@ -54,6 +54,7 @@ class SweepProgress:
     def __init__(self, plan: SweepPlan, bar: bool = True, console: Console | None = None) -> None:
         self.plan = plan
         self.console = console or Console(highlight=False, soft_wrap=True)
+        self.enabled = bar  # progress asked for: runs print a line per epoch even without a terminal
         self.bar = bar and self.console.is_terminal
         self.seen: dict[str, str] | None = None
         self.progress: Progress | None = None

@@ -239,7 +239,7 @@ class Worker:
             self.say(f"{run.name}: {how.pop('note')}")
         t0 = time.time()
         try:
-            metrics = self.fit(run.cfg, run.path, progress=False, **how)
+            metrics = self.fit(run.cfg, run.path, progress=self.display is not None and self.display.enabled, **how)
         except (KeyboardInterrupt, SystemExit, RunInterrupted):  # Lightning turns Ctrl-C into sys.exit(1)
             self._record(job, "interrupted", error="interrupted")
             raise
