@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 LINE_EVERY_S = 30.0  # without a terminal: at most one progress line per this many seconds
+NOTE_EVERY_S = 0.5  # in a terminal: the note beside the bar is refreshed at most this often
 
 
 def is_terminal(stream: TextIO | None = None) -> bool:
@@ -36,6 +38,7 @@ class Progress:
         self.done = 0
         self.start = time.monotonic()
         self._last_line = self.start
+        self._last_note = 0.0
         self._bar: Any = None
         self._task: Any = None
         if enabled and is_terminal(self.stream):
@@ -56,18 +59,25 @@ class Progress:
             return
         self._bar, self._task = bar, bar.add_task(self.desc, total=self.total or None)
 
-    def update(self, n: int = 1, note: str = "") -> None:
-        """Count ``n`` more units done; ``note`` (e.g. the current loss) is shown beside the bar."""
+    def update(self, n: int = 1, note: str | Callable[[], str] = "") -> None:
+        """Count ``n`` more units done; ``note`` (e.g. the current loss, or a function giving it,
+        called only when shown) is shown beside the bar at most every ``NOTE_EVERY_S`` seconds."""
         self.done += n
         if not self.enabled:
             return
-        if self._bar is not None:
-            self._bar.update(self._task, advance=n, description=f"{self.desc} {note}".rstrip())
-            return
         now = time.monotonic()
+        if self._bar is not None:
+            show = now - self._last_note >= NOTE_EVERY_S
+            if show:
+                self._last_note = now
+                text = note() if callable(note) else note
+                self._bar.update(self._task, advance=n, description=f"{self.desc} {text}".rstrip())
+            else:
+                self._bar.update(self._task, advance=n)
+            return
         if now - self._last_line >= LINE_EVERY_S:
             self._last_line = now
-            say(self._line(note), self.stream)
+            say(self._line(note() if callable(note) else note), self.stream)
 
     def _line(self, note: str = "") -> str:
         elapsed = time.monotonic() - self.start

@@ -10,7 +10,7 @@ from typing import Any
 
 from cqkd.core.io import write_text
 from cqkd.study.figures import effects_figure
-from cqkd.study.findings import RULE, _f, series_findings
+from cqkd.study.findings import RULE, _f, has_soft_term, series_findings
 from cqkd.study.report import collect_rows, findings_table
 from cqkd.study.tables import markdown_table
 
@@ -47,7 +47,7 @@ def _teacher_facts(rows: list[dict[str, Any]], name: str) -> str:
 def conditions(main: list[dict[str, Any]], cond: list[dict[str, Any]]) -> dict[str, list[tuple[str, list[dict]]]]:
     """{condition group: [(condition label, findings rows)]} from the main study's and the conditions sweep's rows."""
     main, cond = _finished(main), _finished(cond)
-    kd = lambda rows, **k: [r for r in rows if r["role"] == "distill" and (_f(r, "alpha") or 0) > 0  # noqa: E731
+    kd = lambda rows, **k: [r for r in rows if r["role"] == "distill" and has_soft_term(r)  # noqa: E731
                             and all(str(r.get(a)) == str(v) for a, v in k.items())]
     sup = lambda rows, **k: [r for r in rows if r["role"] == "supervised"  # noqa: E731
                              and all(str(r.get(a)) == str(v) for a, v in k.items())]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections import defaultdict
@@ -70,6 +71,16 @@ class Series:
     model: str
     rows: list[dict[str, Any]]
 
+    @property
+    def is_control(self) -> bool:
+        """The alpha = 0 control series (the distillation path with no soft term)."""
+        return any(not has_soft_term(r) for r in self.rows)
+
+
+def has_soft_term(row: dict[str, Any]) -> bool:
+    """A distilled run with alpha > 0 (the alpha = 0 control has none)."""
+    return (_f(row, "alpha") or 0) > 0
+
 
 def distill_series(rows: list[dict[str, Any]]) -> list[Series]:
     """The finished distillation runs grouped into series by the settings that vary, largest size first."""
@@ -124,15 +135,14 @@ def supervised_for(rows: list[dict[str, Any]], size: int, model: str | None = No
 
 
 def _per_image(row: dict[str, Any]) -> stats.PerImage:
-    """The per-test-image values of a finished run (from its saved test logits; cached)."""
-    path = str(row["path"])
-    if path not in _PER_IMAGE:
-        saved = RunDir(path).test_logits()
-        _PER_IMAGE[path] = stats.per_image(saved["logits"].double().numpy(), saved["labels"].numpy())
-    return _PER_IMAGE[path]
+    """The per-test-image values of a finished run (from its saved test logits)."""
+    return _per_image_at(str(row["path"]))
 
 
-_PER_IMAGE: dict[str, stats.PerImage] = {}
+@functools.lru_cache(maxsize=None)
+def _per_image_at(path: str) -> stats.PerImage:
+    saved = RunDir(path).test_logits()
+    return stats.per_image(saved["logits"].double().numpy(), saved["labels"].numpy())
 
 
 def by_seed(rows: list[dict[str, Any]]) -> dict[int, stats.PerImage]:
@@ -183,7 +193,7 @@ def series_findings(label: str, rows: list[dict[str, Any]], supervised: list[dic
                     temperatures: set[float] | None = None, each_t: bool = False) -> list[dict[str, Any]]:
     """Findings 1-3 of one series (one teacher, size and data; alpha > 0), optionally on some T only;
     ``each_t`` adds finding 1 at every fixed T (uncalibrated teacher) next to the best-by-val setting."""
-    kd = [r for r in rows if r.get("temperature") != "calibrated" and (_f(r, "alpha") or 0) > 0]
+    kd = [r for r in rows if r.get("temperature") != "calibrated" and has_soft_term(r)]
     if temperatures is not None:
         kd = [r for r in kd if float(r["temperature"]) in temperatures]
     out: list[dict[str, Any]] = []
@@ -212,7 +222,7 @@ def findings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The three findings for every series of a sweep (see ``RULE``), finding by finding."""
     result = []
     for s in distill_series(rows):
-        if any((_f(r, "alpha") or 0) == 0 for r in s.rows):
+        if s.is_control:
             continue  # the alpha = 0 control: see control_rows
         result += series_findings(s.label, s.rows, supervised_for(rows, s.size, s.model), each_t=True)
     result.sort(key=lambda f: f["finding"])
@@ -223,7 +233,7 @@ def control_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The alpha = 0 control against the supervised student of the same seed, per size."""
     out = []
     for s in distill_series(rows):
-        ctrl = [r for r in s.rows if (_f(r, "alpha") or 0) == 0]
+        ctrl = [r for r in s.rows if not has_soft_term(r)]
         sup = {int(r["seed"]): r for r in supervised_for(rows, s.size, s.model)}
         pairs = [(r, sup[int(r["seed"])]) for r in ctrl if int(r["seed"]) in sup]
         if not pairs:

@@ -181,7 +181,7 @@ def size_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                             ece=mean_std([_f(r, "ece") for r in rs]), entropy=mean_std([_f(r, "entropy") for r in rs]),
                             flops=_f(rs[0], "flops")))
         for s in series:
-            if s.size != size or any((_f(r, "alpha") or 0) == 0 for r in s.rows):
+            if s.size != size or s.is_control:
                 continue  # other sizes, and the alpha = 0 control (reported on its own)
             table = settings_table(s)
             best = max(table, key=lambda e: (e["best_val_top1"][0] if not math.isnan(e["best_val_top1"][0]) else -1))
@@ -216,7 +216,7 @@ def write_report(directory: str | os.PathLike) -> dict[str, Any]:
     for name, func in (("temperature", plots_study.temperature_figure), ("size", plots_study.size_figure),
                        ("entropy", plots_study.entropy_figure), ("calibration", plots_study.calibration_figure)):
         path = fig_dir / f"{name}.png"
-        if func(rows, [s for s in series if not any((_f(r, "alpha") or 0) == 0 for r in s.rows)], sizes, path):
+        if func(rows, [s for s in series if not s.is_control], sizes, path):
             figures[name] = path
 
     n_fin = sum(r["state"] == "finished" for r in rows)

@@ -4,7 +4,7 @@ Runs are reduced to per-test-image values (:class:`PerImage`); each metric is a 
 of per-image features, so one matrix product evaluates it for many bootstrap image resamples.
 Verdicts compare a result with the direction the paper predicts (``sign`` = +1 or -1): "holds"
 (significant, that side), "reverses" (significant, the other side) or "inconclusive".
-Pure numpy/scipy, no I/O; callers convert tensors with ``.numpy()``.
+numpy/scipy (ECE binning is the runs' own), no I/O; callers convert tensors with ``.numpy()``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import torch
 from scipy import special, stats
+
+from cqkd.calibration import metrics
 
 METRICS = ("top1", "ece", "entropy", "nll")
 N_BINS = 15
@@ -58,10 +61,9 @@ def per_image(logits: np.ndarray, labels: np.ndarray) -> PerImage:
 
 
 def bin_index(confidence: np.ndarray, n_bins: int = N_BINS) -> np.ndarray:
-    """Equal-width bin b of each confidence c, with b/M <= c < (b+1)/M and 1 in the last bin: the
-    convention of ``cqkd.calibration.metrics.bin_index``, so the study's ECE equals each run's."""
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    return np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, n_bins - 1)
+    """Equal-width bin of each confidence: ``cqkd.calibration.metrics.bin_index`` itself, so the
+    study's ECE equals each run's."""
+    return metrics.bin_index(torch.from_numpy(np.asarray(confidence, dtype=np.float64)), n_bins).numpy()
 
 
 def _features(run: PerImage, metric: str) -> np.ndarray:

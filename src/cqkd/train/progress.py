@@ -93,7 +93,7 @@ class EpochProgress(L.Callback):
                            batch_idx: int) -> None:
         if self.bar is not None:
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-            self.bar.update(1, f"loss {float(loss):.4f}" if loss is not None else "")
+            self.bar.update(1, (lambda: f"loss {float(loss):.4f}") if loss is not None else "")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.bar is None:
