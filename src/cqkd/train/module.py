@@ -172,7 +172,6 @@ class CQKDModule(L.LightningModule):
             raise FloatingPointError(f"the loss became {terms['loss'].item()} at step {self.global_step}")
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, on_step=False, on_epoch=True,
                       prog_bar=False, batch_size=len(y))
-        self.log("loss", terms["loss"].detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False)
         return terms["loss"]
 
     def validation_step(self, batch, batch_idx: int) -> None:
