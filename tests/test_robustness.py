@@ -225,7 +225,8 @@ def test_sigkill_mid_epoch_then_resume(capsys, tmp_path):
     proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     assert status(out)["state"] == "running"  # nobody could say otherwise...
-    from cqkd.core.rundir import RunDir, effective_state, list_runs
+    from cqkd.analysis.runs import list_runs
+    from cqkd.core.rundir import RunDir, effective_state
 
     state, note = effective_state(RunDir(out))
     assert state == "failed" and "stale" in note  # ...but its process is gone
@@ -583,7 +584,7 @@ def test_a_run_written_before_the_marker_is_still_a_run(capsys, tmp_path, teache
     (run / "notes.txt").write_text("mine")
     code, err = cqkd(capsys, "evaluate", run, "--quiet")
     assert code == 0, err
-    assert [r["state"] for r in __import__("cqkd.core.rundir", fromlist=["list_runs"]).list_runs(run)] == ["finished"]
+    assert [r["state"] for r in __import__("cqkd.analysis.runs", fromlist=["list_runs"]).list_runs(run)] == ["finished"]
     code, err = cqkd(capsys, "train", *FAST, "--size", "14", "--out", run, "--force")
     assert code == 0, err
     assert (run / "notes.txt").read_text() == "mine" and (run / ".cqkd-run.json").exists()

@@ -392,7 +392,7 @@ def test_recipe_is_valid(tmp_path):
     runs with the paper's settings."""
     import yaml
 
-    from cqkd.study.plan import plan_sweep
+    from cqkd.sweep.plan import plan_sweep
 
     recipe = yaml.safe_load((ROOT / "configs" / "imagenet-resnet50-to-resnet18.yaml").read_text())
     plan = plan_sweep(recipe, tmp_path / "sweep")

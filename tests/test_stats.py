@@ -1,4 +1,4 @@
-"""Tests of cqkd.study.stats: golden metric values, bootstrap effects of known size,
+"""Tests of cqkd.analysis.stats: golden metric values, bootstrap effects of known size,
 trend shapes over a temperature series and permutation p-values of correlations."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from cqkd.study import stats as S
+from cqkd.analysis import stats as S
 
 # --- golden values ------------------------------------------------------------------------
 # Logits log(p) of four 3-class images (softmax gives p back), labels [0, 2, 1, 2]:

@@ -14,10 +14,10 @@ from cqkd.cli import main
 from cqkd.core.io import read_json
 from cqkd.core.rundir import RunDir
 from cqkd.errors import CqkdError
-from cqkd.study.findings import findings
-from cqkd.study.plan import load_sweep, plan_sweep
-from cqkd.study.report import write_report
-from cqkd.study.runner import run_sweep
+from cqkd.analysis.findings import findings
+from cqkd.sweep.plan import load_sweep, plan_sweep
+from cqkd.analysis.report import write_report
+from cqkd.sweep.runner import run_sweep
 
 TINY = {"dataset": "synthetic", "train_samples": 200, "epochs": 1, "accelerator": "cpu"}
 SPEC = {
@@ -256,7 +256,7 @@ def test_findings_choose_by_val_and_pair_by_seed(tmp_path):
     f3 = {f["what"]: f for f in found if f["finding"] == 3}
     top = f3["top-1 calibrated − uncalibrated teacher at T=4"]
     assert top["estimate"] == pytest.approx(0.03) and top["verdict"] == "holds"
-    from cqkd.study.findings import calibration_pairs, distill_series
+    from cqkd.analysis.findings import calibration_pairs, distill_series
 
     pairs = calibration_pairs(distill_series(rows)[0])
     assert [p["T"] for p in pairs] == ["1", "4", "16"] and all(p["n"] == 3 for p in pairs)
@@ -280,7 +280,7 @@ def test_plan_errors_name_teacher_path(tmp_path):
 
 
 def test_demo_is_the_demo_yaml_sweep(tmp_path):
-    from cqkd.study.demo import demo_spec
+    from cqkd.sweep.demo import demo_spec
 
     from_code = plan_sweep(demo_spec(), tmp_path / "demo")
     from_file = load_sweep(Path(__file__).parent.parent / "configs" / "demo.yaml", tmp_path / "demo")
@@ -289,8 +289,8 @@ def test_demo_is_the_demo_yaml_sweep(tmp_path):
 
 
 def test_another_plan_is_refused_while_workers_run(tmp_path):
-    from cqkd.study.claims import HeldFile, identity
-    from cqkd.study.state import SweepDir, join
+    from cqkd.sweep.claims import HeldFile, identity
+    from cqkd.sweep.state import SweepDir, join
 
     spec = {"base": TINY, "teachers": {"bad": {"model": "no-such-net"}}}
     plan = plan_sweep(spec, tmp_path / "o")
@@ -312,7 +312,7 @@ def test_another_plan_is_refused_while_workers_run(tmp_path):
 
 
 def test_unfinished_runs_continue_from_their_checkpoint(sweep, tmp_path):
-    from cqkd.study.runner import how_to_start
+    from cqkd.sweep.runner import how_to_start
 
     _, out = sweep
     name = "supervised/model=cnn-small,size=7,seed=0"

@@ -15,10 +15,10 @@ from conftest import cli_env, cqkd_cmd
 from cqkd.cli import main
 from cqkd.core.io import read_json
 from cqkd.core.rundir import RunDir
-from cqkd.study.claims import Heartbeat, identity, take
-from cqkd.study.plan import load_sweep, weights_digest
-from cqkd.study.runner import run_sweep
-from cqkd.study.state import SweepDir, load_state
+from cqkd.sweep.claims import Heartbeat, identity, take
+from cqkd.sweep.plan import load_sweep, weights_digest
+from cqkd.sweep.runner import run_sweep
+from cqkd.sweep.state import SweepDir, load_state
 
 TINY = {"dataset": "synthetic", "train_samples": 200, "epochs": 1, "accelerator": "cpu"}
 SMALL = {"base": TINY, "teachers": {"t28": {"model": "cnn-small", "size": 28}},

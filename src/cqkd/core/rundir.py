@@ -245,20 +245,6 @@ class RunDir:
         return self.weights_file
 
 
-def check_sweep_dir(path: Path) -> None:
-    """A sweep writes into a new or empty directory, or one holding its ``sweep.json``; never elsewhere."""
-    if not path.exists():
-        check_creatable(path, "--out", str(path))
-        return
-    if not path.is_dir():
-        raise CqkdError(f"--out {str(path)!r} exists and is not a directory")
-    others = sorted(p.name for p in path.iterdir() if p.name not in (".sweep", ".sweep.lock"))
-    if others and not (path / "sweep.json").exists():
-        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-        raise CqkdError(f"--out {str(path)!r} is not empty and is not a cqkd sweep (no sweep.json; it holds {shown}); "
-                        "choose another directory")
-
-
 def _is_inside(name: str) -> bool:
     parts = Path(name).parts
     return bool(parts) and not Path(name).is_absolute() and ".." not in parts
@@ -319,30 +305,3 @@ def effective_state(run: RunDir) -> tuple[str | None, str]:
     if state == "failed":
         return "failed", str(status.get("error", ""))
     return state, ""
-
-
-def list_runs(root: str | os.PathLike) -> list[dict[str, Any]]:
-    """One row per run directory under ``root`` (``root`` itself included): its path relative to
-    ``root``, state, note, kind, model, size, top1, ece. Unreadable files leave blanks."""
-    root = Path(root)
-    if not root.is_dir():
-        raise CqkdError(f"{str(root)!r} is not a directory")
-    rows = []
-    for config in sorted(root.rglob("config.yaml")):
-        run = RunDir(config.parent)
-        state, note = effective_state(run)
-        row: dict[str, Any] = {"run": str(run.path.relative_to(root)) or ".", "state": state or "?", "note": note,
-                               "kind": None, "model": None, "size": None, "top1": None, "ece": None}
-        try:
-            raw = read_yaml(config)
-            row.update(kind=raw.get("kind"), model=raw.get("model"), size=raw.get("size"))
-        except CqkdError:
-            row["note"] = (note + "; " if note else "") + "unreadable config.yaml"
-        if state == "finished" and run.metrics_file.exists():
-            try:
-                m = run.metrics()
-                row.update(top1=m.get("top1"), ece=m.get("ece"), size=m.get("size", row["size"]))
-            except CqkdError:
-                row["note"] = "unreadable metrics.json"
-        rows.append(row)
-    return rows

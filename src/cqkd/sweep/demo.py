@@ -8,9 +8,9 @@ from typing import Any
 
 from cqkd.core.io import write_text
 from cqkd.core.rundir import RunDir
-from cqkd.study.plan import plan_sweep
-from cqkd.study.runner import run_sweep
-from cqkd.study.tables import markdown_table, print_rows
+from cqkd.sweep.plan import plan_sweep
+from cqkd.sweep.runner import run_sweep
+from cqkd.core.text import markdown_table
 
 # The default study: a 28 px teacher; supervised and CQKD students at 14 and 7 px.
 # Sized to finish within 20 minutes on a 2-core CPU (measured: see README).
@@ -46,9 +46,9 @@ def demo_spec(data_dir: str | None = None, epochs: int | None = None, train_samp
 
 def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None, epochs: int | None = None,
              train_samples: int | None = None, force: bool = False, progress: bool = True,
-             dataset: str = "fashion-mnist") -> list[dict[str, Any]]:
-    """Train the teacher, the supervised and the CQKD students (a resumable sweep); print and
-    save a summary table. Runs that fail are listed as failed; the others still run."""
+             dataset: str = "fashion-mnist") -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
+    """Train the teacher, the supervised and the CQKD students (a resumable sweep) and save
+    ``out/summary.md``; return the summary's headers and rows. Failed runs are rows marked failed."""
 
     out = Path(out)
     start = time.time()
@@ -71,13 +71,10 @@ def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None, epochs:
         rows.append((m["size"], method, m["model"], m["top1"], m["ece"], m["nll"], m["entropy"], f"{m['flops'] / 1e6:.2f}M"))
     elapsed = time.time() - start
     headers = ("size", "method", "model", "top-1", "ECE", "NLL", "entropy", "FLOPs")
-    print_rows("cqkd demo: test split", headers, rows)
     text = (f"# cqkd demo\n\nCommand: `cqkd demo --out {out}`"
             + (f" (epochs={epochs})" if epochs else "") + (f" (train_samples={n})" if n else "")
             + f"\n\nTest split of {dataset}; ECE with 15 equal-width bins; entropy in nats; FLOPs per image. "
             + f"Run directories and `sweep.json` under `{out}/`; `cqkd report {out}` draws the figures.\n\n"
             + markdown_table(headers, rows) + f"\nWall time: {elapsed / 60:.1f} min.\n\n{READING}\n")
     write_text(out / "summary.md", text)
-    print(READING)
-    print(f"demo finished in {elapsed / 60:.1f} min; results: {out}/summary.md (runs under {out}/)")
-    return [dict(zip(headers, r)) for r in rows]
+    return headers, rows

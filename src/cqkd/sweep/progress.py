@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column
 
-from cqkd.study.plan import PlannedRun, SweepPlan
+from cqkd.sweep.plan import PlannedRun, SweepPlan
 
 
 def fmt_duration(s: float) -> str:

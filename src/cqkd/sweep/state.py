@@ -12,10 +12,11 @@ from typing import Any
 
 from cqkd.core.io import read_json, write_json
 from cqkd.core.lock import acquire
+from cqkd.core.io import check_creatable
 from cqkd.core.rundir import RunDir
 from cqkd.errors import CqkdError
-from cqkd.study.claims import age, read_held
-from cqkd.study.plan import PlannedRun, SweepPlan, config_digest, weights_digest
+from cqkd.sweep.claims import age, read_held
+from cqkd.sweep.plan import PlannedRun, SweepPlan, config_digest, weights_digest
 
 SWEEP_FILE = "sweep.json"
 DONE = ("finished", "failed", "external")  # states a run keeps until the next session
@@ -184,3 +185,17 @@ def touch(state: dict[str, Any], index: int) -> None:
     inv = state["invocations"][index]
     inv.update(end=now(), wall_s=round(time.time() - inv["start_s"], 1))
     state["total_wall_s"] = round(sum(i.get("wall_s") or 0 for i in state["invocations"]), 1)
+
+
+def check_sweep_dir(path: Path) -> None:
+    """A sweep writes into a new or empty directory, or one holding its ``sweep.json``; never elsewhere."""
+    if not path.exists():
+        check_creatable(path, "--out", str(path))
+        return
+    if not path.is_dir():
+        raise CqkdError(f"--out {str(path)!r} exists and is not a directory")
+    others = sorted(p.name for p in path.iterdir() if p.name not in (".sweep", ".sweep.lock"))
+    if others and not (path / "sweep.json").exists():
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise CqkdError(f"--out {str(path)!r} is not empty and is not a cqkd sweep (no sweep.json; it holds {shown}); "
+                        "choose another directory")

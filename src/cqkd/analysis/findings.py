@@ -15,7 +15,7 @@ import torch
 
 from cqkd.core.config import CONFIG_KEYS
 from cqkd.core.rundir import RunDir
-from cqkd.study import stats
+from cqkd.analysis import stats
 
 # config keys that never tell two settings apart (hardware, paths, loaders)
 _NOT_SETTING = {"data_dir", "accelerator", "devices", "strategy", "num_nodes", "precision", "num_workers",

@@ -14,10 +14,10 @@ import torch
 from cqkd.core.config import RunConfig
 from cqkd.core.rundir import RunDir
 from cqkd.errors import CqkdError, RunFailed, RunInterrupted
-from cqkd.study.claims import Heartbeat, HeldFile, age, identity, take
-from cqkd.study.plan import PlannedRun, SweepPlan, config_digest, weights_digest
-from cqkd.study.progress import SweepProgress, estimate_left, fmt_duration, summary
-from cqkd.study.state import OPEN, SweepDir, assess, join, now, touch
+from cqkd.sweep.claims import Heartbeat, HeldFile, age, identity, take
+from cqkd.sweep.plan import PlannedRun, SweepPlan, config_digest, weights_digest
+from cqkd.sweep.progress import SweepProgress, estimate_left, fmt_duration, summary
+from cqkd.sweep.state import OPEN, SweepDir, assess, join, now, touch
 from cqkd.train.checkpoints import resume_checkpoint
 from cqkd.train.fit import fit_run
 

@@ -1,23 +1,18 @@
-"""Tables for the terminal and for Markdown (plots live in ``cqkd.plots``)."""
+"""Tables for the terminal: what the commands print (Markdown tables are in ``cqkd.core.text``)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from cqkd.core.rundir import list_runs
+from cqkd.analysis.runs import list_runs
+from cqkd.core.text import fmt as _fmt
 from cqkd.nets.registry import MODELS, build_model, count_flops, count_params
-from cqkd.study.runner import STALE_AFTER
-from cqkd.study.status import sweep_status
+from cqkd.sweep.runner import STALE_AFTER
+from cqkd.sweep.status import sweep_status
 
 _MAIN_KEYS = ("top1", "top5", "nll", "brier", "ece", "adaptive_ece", "classwise_ece", "mce", "rmsce",
               "ece_over", "ece_under", "entropy", "confidence")
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return str(v)
 
 
 def metrics_table(title: str, metrics: dict[str, Any]) -> None:
@@ -39,13 +34,6 @@ def metrics_table(title: str, metrics: dict[str, Any]) -> None:
         for key, value in (metrics.get(prefix) or {}).items():
             table.add_row(f"{prefix}.{key}", _fmt(value))
     Console().print(table)
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """``rows`` under ``headers`` as a markdown table."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def print_rows(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 
 from cqkd.errors import CqkdError
-from cqkd.study.claims import HOST
-from cqkd.study.plan import SweepPlan, plan_sweep
-from cqkd.study.progress import SweepProgress, summary
-from cqkd.study.runner import STALE_AFTER, run_sweep
-from cqkd.study.state import SweepDir
+from cqkd.sweep.claims import HOST
+from cqkd.sweep.plan import SweepPlan, plan_sweep
+from cqkd.sweep.progress import SweepProgress, summary
+from cqkd.sweep.runner import STALE_AFTER, run_sweep
+from cqkd.sweep.state import SweepDir
 
 LAUNCHERS = ("local", "ray")
 EXIT_INTERRUPTED = {"Ctrl-C": 130, "SIGTERM": 143}

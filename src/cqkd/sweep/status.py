@@ -7,8 +7,8 @@ from collections import Counter
 from typing import Any
 
 from cqkd.errors import CqkdError
-from cqkd.study.claims import age, read_held
-from cqkd.study.state import SweepDir
+from cqkd.sweep.claims import age, read_held
+from cqkd.sweep.state import SweepDir
 
 
 def sweep_status(out: str | os.PathLike, stale_after: float) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """The report of a sweep: ``results.csv``, ``report.md`` and figures, and the paper's findings
-(measured as in ``cqkd.study.findings``; the rule is stated in every report)."""
+(measured as in ``cqkd.analysis.findings``; the rule is stated in every report)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from cqkd.core.io import atomic_write, write_text
 from cqkd.core.rundir import RunDir
 from cqkd.core.signals import hang_if_asked
 from cqkd.errors import CqkdError
-from cqkd.study import figures as plots_study
-from cqkd.study.findings import (
+from cqkd.analysis import figures as plots_study
+from cqkd.analysis.findings import (
     RULE,
     _f,
     calibration_pairs,
@@ -27,8 +27,8 @@ from cqkd.study.findings import (
     settings_table,
     supervised_for,
 )
-from cqkd.study.state import load_state
-from cqkd.study.tables import markdown_table
+from cqkd.sweep.state import load_state
+from cqkd.core.text import markdown_table
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
