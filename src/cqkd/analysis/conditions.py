@@ -8,10 +8,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from cqkd.core.io import write_text
 from cqkd.analysis.figures import effects_figure
 from cqkd.analysis.findings import RULE, _f, has_soft_term, series_findings
 from cqkd.analysis.report import collect_rows, findings_table
+from cqkd.core.io import write_text
 from cqkd.core.text import markdown_table
 
 TEMPERATURES = {1.0, 4.0, 16.0}  # the T every condition shares

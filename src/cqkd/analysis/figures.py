@@ -12,8 +12,8 @@ from typing import Any
 
 from scipy import stats as scipy_stats
 
-from cqkd.core.io import atomic_write
 from cqkd.analysis.findings import Series, _f, mean_std, settings_table, supervised_for
+from cqkd.core.io import atomic_write
 
 _METRICS = (("top1", "test top-1"), ("ece", "ECE"), ("entropy", "mean entropy (nats)"))
 

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from cqkd.analysis import stats
 from cqkd.core.config import CONFIG_KEYS
 from cqkd.core.rundir import RunDir
-from cqkd.analysis import stats
 
 # config keys that never tell two settings apart (hardware, paths, loaders)
 _NOT_SETTING = {"data_dir", "accelerator", "devices", "strategy", "num_nodes", "precision", "num_workers",

@@ -10,11 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cqkd.core.config import CONFIG_KEYS
-from cqkd.core.io import atomic_write, write_text
-from cqkd.core.rundir import RunDir
-from cqkd.core.signals import hang_if_asked
-from cqkd.errors import CqkdError
 from cqkd.analysis import figures as plots_study
 from cqkd.analysis.findings import (
     RULE,
@@ -27,8 +22,14 @@ from cqkd.analysis.findings import (
     settings_table,
     supervised_for,
 )
-from cqkd.sweep.state import load_state
+from cqkd.analysis.methods import is_methods_sweep, methods_section
+from cqkd.core.config import CONFIG_KEYS
+from cqkd.core.io import atomic_write, write_text
+from cqkd.core.rundir import RunDir
+from cqkd.core.signals import hang_if_asked
 from cqkd.core.text import markdown_table
+from cqkd.errors import CqkdError
+from cqkd.sweep.state import load_state
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -260,6 +261,9 @@ def write_report(directory: str | os.PathLike) -> dict[str, Any]:
         lines.append(_md(["size", "seeds", "identical test logits", "max abs. Δ top-1"],
                          [[c["size"], c["seeds"], f"{c['identical']}/{c['seeds']}", f"{c['max_top1_diff']:.4f}"]
                           for c in control]))
+
+    if is_methods_sweep(rows):
+        lines += methods_section(rows, _md)
 
     lines += ["## Teacher, supervised and best CQKD student per input size", ""]
     lines.append(_md(["size", "method", "model", "setting", "n", "val top-1", "test top-1", "ECE", "entropy",
