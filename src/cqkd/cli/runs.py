@@ -127,7 +127,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate_run(args.run, progress=not args.quiet, outputs=outputs, **overrides)
     _print_metrics(f"evaluation of {args.run} (test split)", metrics)
     if args.bootstrap:
-        from cqkd.calibration.metrics import bootstrap_intervals
+        from cqkd.calibration.bootstrap import bootstrap_intervals
         from cqkd.cli.tables import intervals_table
 
         intervals = bootstrap_intervals(outputs["logits"], outputs["labels"], n=args.bootstrap,
