@@ -13,7 +13,7 @@ from typing import Any
 from cqkd.core.config import CONFIG_KEYS
 from cqkd.core.io import atomic_write, write_text
 from cqkd.core.rundir import RunDir
-from cqkd.core.signals import hang_if_asked
+from cqkd.core import faults
 from cqkd.errors import CqkdError
 from cqkd.analysis import figures as plots_study
 from cqkd.analysis.findings import (
@@ -207,7 +207,7 @@ def write_report(directory: str | os.PathLike) -> dict[str, Any]:
     rows, state = collect_rows(directory)
     csv_path = directory / "results.csv"
     write_csv(rows, csv_path)
-    hang_if_asked("report")
+    faults.point("report")
     fig_dir = directory / "figures"
 
     series = distill_series(rows)
