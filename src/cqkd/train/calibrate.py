@@ -28,7 +28,7 @@ def _before_after(logits: torch.Tensor, labels: torch.Tensor, t_cal: float, ece_
 
 
 def calibrate_run(run_path: str | os.PathLike, split: str = "val", ece_bins: int = 15,
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, quiet: bool = False) -> dict[str, Any]:
     """Fit T_cal for the run in ``run_path`` on ``split`` and write ``calibration.json`` (its schema:
     ``cqkd.calibration.scaling``).
 
@@ -36,6 +36,7 @@ def calibrate_run(run_path: str | os.PathLike, split: str = "val", ece_bins: int
     was; ``cqkd.train.predict.predict_logits``), from its saved weights. Returns (and writes) the
     fitted ``t_cal``, the split used, and NLL / ECE before and after scaling on val and test.
     Fitting on the test split is refused: T_cal would be tuned on the data it is judged on.
+    ``quiet``: no Lightning banners.
     """
     if split == "test":
         raise CqkdError("calibrating on the test split is not allowed: T_cal would be fitted on the data "
@@ -51,7 +52,7 @@ def calibrate_run(run_path: str | os.PathLike, split: str = "val", ece_bins: int
     names = [split] + [s for s in ("val", "test") if s != split]
     if progress:
         print(f"computing the logits of {run.path} on {', '.join(names)} ...", file=sys.stderr, flush=True)
-    outputs = predict_splits(run.path, names)
+    outputs = predict_splits(run.path, names, quiet=quiet)
     fit = outputs[split]
     scaler = TemperatureScaler().fit(fit["logits"], fit["labels"])
     t_cal = float(scaler.t_cal)  # type: ignore[arg-type]
