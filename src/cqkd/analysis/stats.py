@@ -10,7 +10,6 @@ numpy/scipy, no I/O; callers convert tensors with ``.numpy()``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import stats

@@ -11,6 +11,7 @@ Schema 2, written by ``TemperatureScaler.save`` and by ``cqkd calibrate`` (a run
 
 Older files (no ``schema`` key) are read in both earlier layouts: the scaler's (``n``,
 ``nll_before``, ``nll_after``) and the run's (already ``n_fit``, ``nll_fit_*``, no search range).
+Details: docs/architecture.md.
 """
 
 from __future__ import annotations
