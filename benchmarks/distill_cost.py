@@ -39,7 +39,6 @@ from pathlib import Path
 
 import torch
 
-os.environ.setdefault("CQKD_QUIET_LIGHTNING", "1")
 warnings.filterwarnings("ignore")
 
 import lightning as L  # noqa: E402
@@ -87,7 +86,7 @@ def one_epoch(cfg: RunConfig, splits, teacher) -> tuple[float, dict]:
                         cfg.degradation_spec().output_size(splits.info.image_size))
     module = CQKDModule(model, cfg, splits.info, teacher, train_data=splits.train if teacher else None)
     timer = EpochTimer()
-    trainer = make_trainer(cfg, None, progress=False, callbacks=[timer], limit_val_batches=0,
+    trainer = make_trainer(cfg, None, progress=False, quiet=True, callbacks=[timer], limit_val_batches=0,
                            enable_checkpointing=False, logger=False)
     loader = make_loader(splits.train, cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed,
                          num_workers=cfg.num_workers)

@@ -38,7 +38,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-os.environ.setdefault("CQKD_QUIET_LIGHTNING", "1")
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
@@ -173,7 +172,7 @@ def train_teacher(out: Path, setup: dict) -> None:
     cfg = RunConfig.from_dict(dict(kind="train", dataset=setup["dataset"], train_samples=setup["train_samples"],
                                    model="cnn-large", size=28, epochs=1, batch_size=setup["batch_size"],
                                    augment="none", accelerator="cpu", seed=0))
-    fit_run(cfg, out, progress=False)
+    fit_run(cfg, out, progress=False, quiet=True)
 
 
 def run_cqkd(setup: dict, cache: str, seed: int | None = None) -> dict:
@@ -207,7 +206,7 @@ def run_cqkd(setup: dict, cache: str, seed: int | None = None) -> dict:
             Timer.seconds += time.perf_counter() - self.start
 
     Timer.seconds = 0.0
-    trainer = make_trainer(cfg, None, progress=False, callbacks=[Timer()], limit_val_batches=0,
+    trainer = make_trainer(cfg, None, progress=False, quiet=True, callbacks=[Timer()], limit_val_batches=0,
                            enable_checkpointing=False, logger=False)
     loader = make_loader(splits.train, cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed)
     trainer.fit(module, loader)

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-os.environ.setdefault("CQKD_QUIET_LIGHTNING", "1")
 
 TINY = dict(dataset="synthetic", train_samples=300, epochs=1, batch_size=64, seed=0, accelerator="cpu")
 

@@ -101,6 +101,25 @@ def test_scaler_errors_and_json_round_trip(tmp_path: Path) -> None:
         TemperatureScaler.load(tmp_path / "bad.json")
 
 
+def test_calibration_schema_and_older_scaler_files(tmp_path: Path) -> None:
+    z, y = calibrated_model_logits(500)
+    s = TemperatureScaler().fit(2 * z, y)
+    s.save(tmp_path / "t.json")
+    written = json.loads((tmp_path / "t.json").read_text())
+    assert written["schema"] == 2 and written["n_fit"] == 500 and written["split"] is None
+    assert written["nll_fit_after"] == s.nll_after and written["t_min"] == 1e-2
+    # the scaler's layout before schema 2: n, nll_before, nll_after, no schema key
+    old = {"method": "temperature", "t_cal": 1.5, "nll_before": 0.9, "nll_after": 0.8, "n": 40,
+           "at_bound": False, "t_min": 0.05, "t_max": 20.0}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    loaded = TemperatureScaler.load(tmp_path / "old.json")
+    assert (loaded.t_cal, loaded.nll_before, loaded.nll_after, loaded.n) == (1.5, 0.9, 0.8, 40)
+    assert (loaded.t_min, loaded.t_max) == (0.05, 20.0)
+    (tmp_path / "new.json").write_text(json.dumps({**written, "schema": 3}))
+    with pytest.raises(CqkdError, match="schema 3"):
+        TemperatureScaler.load(tmp_path / "new.json")
+
+
 # ------------------------------------------------------------------------------ the two temperatures
 
 def test_soft_targets_with_teacher_calibration() -> None:
@@ -205,6 +224,25 @@ def test_teacher_temperature_reads_fits_and_refits_stale(teacher: Path) -> None:
     with pytest.raises(CqkdError, match="other weights"):
         run_t_cal(str(teacher), fit_if_missing=False)
     assert run_t_cal(str(teacher)) == pytest.approx(t, rel=1e-12)
+
+
+def test_cqkd_calibrate_writes_the_schema_and_reads_the_older_run_layout(teacher: Path) -> None:
+    cal_file = teacher / "calibration.json"
+    t = run_t_cal(str(teacher))
+    current = json.loads(cal_file.read_text())
+    assert current["schema"] == 2 and current["split"] == "val" and current["t_min"] == 1e-2
+    assert {"n_fit", "nll_fit_before", "nll_fit_after", "ece_bins", "metrics", "weights_digest"} <= set(current)
+    # a run's calibration.json as cqkd calibrate wrote it before schema 2: no schema, no search range
+    old = {k: v for k, v in current.items() if k not in ("schema", "t_min", "t_max")}
+    try:
+        cal_file.write_text(json.dumps(old))
+        data = read_calibration(teacher)
+        assert data["schema"] == 2 and data["t_cal"] == t and (data["t_min"], data["t_max"]) == (1e-2, 1e2)
+        assert data["n_fit"] == current["n_fit"] and data["metrics"] == current["metrics"]
+        assert run_t_cal(str(teacher), fit_if_missing=False) == t  # read, not refitted
+        assert TemperatureScaler.load(cal_file).n == current["n_fit"]
+    finally:
+        cal_file.write_text(json.dumps(current))
 
 
 def test_distillation_records_both_temperatures(teacher: Path, student: Path) -> None:

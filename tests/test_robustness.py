@@ -896,3 +896,41 @@ def test_safetensors_are_opened_in_one_place():
     openers = re.compile(r"safe_open|load_file|safetensors\.torch import load\b")
     users = sorted(str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if openers.search(p.read_text()))
     assert users == ["cqkd/core/io.py"]
+
+
+# ---------------------------------------------------------------- the one fault-injection point; no import-time side effects
+
+def test_fault_points_do_nothing_unless_planned_and_hang_until_released():
+    from cqkd.core import faults
+
+    try:
+        assert faults.configure({}) == ()
+        faults.point("test")  # no plan: returns at once
+        faults.point("step", at=3)
+        plan = faults.configure({"CQKD_TEST_HANG_IN": "report", "CQKD_TEST_HANG_AT_STEP": "3",
+                                 "CQKD_TEST_KILL_AFTER_EPOCH": "x"})  # not a number: no kill planned
+        assert plan == (faults.Fault("report", "hang"), faults.Fault("step", "hang", 3))
+        faults.point("step", at=2)  # another step: nothing
+        faults.point("epoch", at=1)
+        polls: list[int] = []
+        faults.point("step", at=3, until=lambda: polls.append(1) or len(polls) >= 3)  # waits for 3 polls
+        assert len(polls) == 3
+    finally:
+        faults._plan = None  # read from the environment again on next use
+
+
+def test_importing_cqkd_changes_no_process_state(tmp_path):
+    # umask 027 before any cqkd import: importing the modules that used to set it (or read the
+    # host name) leaves it alone, and an atomic write gets 0666 & ~027 = 0640
+    # (before, importing cqkd.core.io alone set it to 022 until cqkd.core.rundir set it back)
+    code = ("import os; os.umask(0o027)\n"
+            "import cqkd.core.io as io\n"
+            "alone = os.umask(0o027)\n"
+            "import cqkd.cli, cqkd.core.rundir, cqkd.sweep.claims, cqkd.sweep.launch\n"
+            "mask = os.umask(0o022); os.umask(mask)\n"
+            f"io.write_json({str(tmp_path / 'f.json')!r}, {{}})\n"
+            f"print(oct(alone), oct(mask), oct(io.process_umask()), oct(os.stat({str(tmp_path / 'f.json')!r}).st_mode & 0o777))\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0o27", "0o27", "0o27", "0o640"]

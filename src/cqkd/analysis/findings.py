@@ -141,8 +141,10 @@ def _per_image(row: dict[str, Any]) -> stats.PerImage:
 
 @functools.lru_cache(maxsize=None)
 def _per_image_at(path: str) -> stats.PerImage:
-    saved = RunDir(path).test_logits()
-    return stats.per_image(saved["logits"].double().numpy(), saved["labels"].numpy())
+    run = RunDir(path)
+    saved = run.test_logits()
+    bins = run.metrics().get("ece_bins") or run.config().ece_bins  # the run's own ECE bins
+    return stats.per_image(saved["logits"].double().numpy(), saved["labels"].numpy(), int(bins))
 
 
 def by_seed(rows: list[dict[str, Any]]) -> dict[int, stats.PerImage]:

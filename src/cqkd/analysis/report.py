@@ -23,10 +23,10 @@ from cqkd.analysis.findings import (
     supervised_for,
 )
 from cqkd.analysis.methods import is_methods_sweep, methods_section
+from cqkd.core import faults
 from cqkd.core.config import CONFIG_KEYS
 from cqkd.core.io import atomic_write, write_text
 from cqkd.core.rundir import RunDir
-from cqkd.core.signals import hang_if_asked
 from cqkd.core.text import markdown_table
 from cqkd.errors import CqkdError
 from cqkd.sweep.state import load_state
@@ -208,7 +208,7 @@ def write_report(directory: str | os.PathLike) -> dict[str, Any]:
     rows, state = collect_rows(directory)
     csv_path = directory / "results.csv"
     write_csv(rows, csv_path)
-    hang_if_asked("report")
+    faults.point("report")
     fig_dir = directory / "figures"
 
     series = distill_series(rows)

@@ -1,118 +1,30 @@
 """Statistics of a study that compares trained classifiers ("runs") on one shared test set.
 
-Runs are reduced to per-test-image values (:class:`PerImage`); each metric is a weighted mean
-of per-image features, so one matrix product evaluates it for many bootstrap image resamples.
+Runs are reduced to per-test-image values (:class:`PerImage`, each with its run's own ECE bin
+count) and resampled through the one bootstrap engine, ``cqkd.calibration.bootstrap``.
 Verdicts compare a result with the direction the paper predicts (``sign`` = +1 or -1): "holds"
 (significant, that side), "reverses" (significant, the other side) or "inconclusive".
-numpy/scipy (ECE binning is the runs' own), no I/O; callers convert tensors with ``.numpy()``.
+numpy/scipy, no I/O; callers convert tensors with ``.numpy()``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
-import torch
-from scipy import special, stats
+from scipy import stats
 
-from cqkd.calibration import metrics
+from cqkd.calibration.bootstrap import (METRICS, PerImage, bin_index, evaluate, image_weights, metric_value,
+                                        metric_values, per_image, stack)
 
-METRICS = ("top1", "ece", "entropy", "nll")
-N_BINS = 15
+__all__ = ["METRICS", "PerImage", "bin_index", "metric_value", "metric_values", "per_image", "paired_effect",
+           "correlation", "trend", "format_p", "format_effect", "format_trend", "format_correlation",
+           "Effect", "Correlation", "Trend"]
+
 ALPHA = 0.05
 MDE_FACTOR = float(stats.norm.ppf(0.975) + stats.norm.ppf(0.8))  # ≈ 2.80: 80 % power, two-sided 5 %
 TURN_RHO = 0.8  # |Spearman ρ| of the per-T means required on each side of a turn
 _CHUNK = 256  # bootstrap replicates per matrix product (bounds memory)
-
-
-@dataclass(frozen=True, eq=False)
-class PerImage:
-    """One run's per-test-image values: top-1 correctness, confidence, entropy (nats), NLL."""
-    correct: np.ndarray
-    confidence: np.ndarray
-    entropy: np.ndarray
-    nll: np.ndarray
-
-    def __post_init__(self) -> None:
-        for name in ("correct", "confidence", "entropy", "nll"):
-            object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=bool if name == "correct" else float))
-        shapes = {np.shape(getattr(self, name)) for name in ("correct", "confidence", "entropy", "nll")}
-        if len(shapes) != 1 or len(self.correct.shape) != 1:
-            raise ValueError(f"PerImage arrays must all be 1-D of one length, got shapes {shapes}")
-
-    @property
-    def n(self) -> int:
-        """The number of images."""
-        return len(self.correct)
-
-
-def per_image(logits: np.ndarray, labels: np.ndarray) -> PerImage:
-    """Per-image values of logits (N, K) against labels (N,), via a float64 log-softmax."""
-    logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
-    if logits.ndim != 2 or labels.shape != (logits.shape[0],):
-        raise ValueError(f"expected logits (N, K) and labels (N,), got {logits.shape} and {labels.shape}")
-    logp = special.log_softmax(logits, axis=1)
-    p = np.exp(logp)
-    pred, rows = logp.argmax(1), np.arange(len(labels))
-    with np.errstate(invalid="ignore"):  # p = 0 where logp = -inf: those terms are 0
-        entropy = -np.where(p > 0, p * logp, 0.0).sum(1)
-    return PerImage(pred == labels, p[rows, pred], entropy, -logp[rows, labels])
-
-
-def bin_index(confidence: np.ndarray, n_bins: int = N_BINS) -> np.ndarray:
-    """Equal-width bin of each confidence: ``cqkd.calibration.metrics.bin_index`` itself, so the
-    study's ECE equals each run's."""
-    return metrics.bin_index(torch.from_numpy(np.asarray(confidence, dtype=np.float64)), n_bins).numpy()
-
-
-def _features(run: PerImage, metric: str) -> np.ndarray:
-    """(N, k) per-image features whose weighted sums give the metric (see _evaluate)."""
-    if metric == "ece":  # bin one-hot times (correct - confidence): Σ_i per bin = n_b (acc_b - conf_b)
-        f = np.zeros((run.n, N_BINS))
-        f[np.arange(run.n), bin_index(run.confidence)] = run.correct - run.confidence
-        return f
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
-    return getattr(run, "correct" if metric == "top1" else metric).astype(np.float64)[:, None]
-
-
-def _stack(runs: Sequence[PerImage], metric: str) -> np.ndarray:
-    """Features of several runs on the same images, shape (N, n_runs, k)."""
-    if len({r.n for r in runs}) != 1:
-        raise ValueError(f"runs differ in their number of test images: {sorted({r.n for r in runs})}")
-    return np.stack([_features(r, metric) for r in runs], axis=1)
-
-
-def _evaluate(metric: str, features: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Metric of every run under every weight vector: (R, N) x (N, n_runs, k) -> (R, n_runs).
-
-    ECE = Σ_b (n_b/N)|acc_b - conf_b| = Σ_b |Σ_{i in b} w_i (correct_i - conf_i)| / Σ_i w_i.
-    Float32 weights give a float32 product (fast bootstrap); integer weights give float64.
-    """
-    w = np.atleast_2d(weights)
-    f = features.astype(np.result_type(w.dtype, np.float32), copy=False)
-    n, runs, k = f.shape
-    sums = (w.astype(f.dtype, copy=False) @ f.reshape(n, runs * k)).reshape(len(w), runs, k)
-    per_run = np.abs(sums).sum(-1) if metric == "ece" else sums[..., 0]
-    return per_run / w.sum(1, dtype=np.float64)[:, None]
-
-
-def metric_values(metric: str, run: PerImage, weights: np.ndarray) -> np.ndarray:
-    """The metric of one run under each row of weights (R, N) of image multiplicities: (R,)."""
-    return _evaluate(metric, _stack([run], metric), weights)[:, 0]
-
-
-def metric_value(metric: str, run: PerImage) -> float:
-    """The plain metric of one run (every test image once)."""
-    return float(metric_values(metric, run, np.ones((1, run.n)))[0])
-
-
-def _image_weights(rng: np.random.Generator, reps: int, n: int) -> np.ndarray:
-    """(reps, n) float32 multiplicities of n images resampled with replacement."""
-    dtype = np.int32 if reps * n < 2**31 else np.int64
-    idx = rng.integers(0, n, size=(reps, n), dtype=dtype) + (np.arange(reps, dtype=dtype) * n)[:, None]
-    return np.bincount(idx.ravel(), minlength=reps * n).reshape(reps, n).astype(np.float32)
 
 
 def _check_sign(sign: int) -> None:
@@ -155,9 +67,9 @@ def paired_effect(a: dict[int, PerImage], b: dict[int, PerImage], metric: str, s
         raise ValueError(f"both arms need the same non-empty seeds; only in a: {sorted(set(a) - set(b))}, "
                          f"only in b: {sorted(set(b) - set(a))}")
     seeds = sorted(a)
-    s, features = len(seeds), _stack([a[k] for k in seeds] + [b[k] for k in seeds], metric)
+    s, features = len(seeds), stack([a[k] for k in seeds] + [b[k] for k in seeds], metric)
     n = features.shape[0]
-    point = _evaluate(metric, features, np.ones((1, n)))[0]
+    point = evaluate(metric, features, np.ones((1, n)))[0]
     per_seed_a, per_seed_b = point[:s], point[s:]
     p = float(stats.ttest_rel(per_seed_a, per_seed_b).pvalue) if s >= 2 else float("nan")
     rng = np.random.default_rng(seed)
@@ -165,7 +77,7 @@ def paired_effect(a: dict[int, PerImage], b: dict[int, PerImage], metric: str, s
     boot = np.empty(n_boot)
     for start in range(0, n_boot, _CHUNK):
         reps = min(_CHUNK, n_boot - start)
-        m = _evaluate(metric, features, _image_weights(rng, reps, n))
+        m = evaluate(metric, features, image_weights(rng, reps, n))
         boot[start:start + reps] = (seed_counts[start:start + reps] * (m[:, :s] - m[:, s:])).sum(1) / s
     lo, hi = np.percentile(boot, [2.5, 97.5])
     se = float(boot.std(ddof=1)) if n_boot > 1 else float("nan")

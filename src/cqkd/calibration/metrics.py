@@ -9,7 +9,8 @@ for b < M-1 and the last bin holds [e_{M-1}, 1], closed on the right. This is th
 of torchmetrics' ``multiclass_calibration_error`` (``bucketize(right=True) - 1``), so ECE, MCE
 and RMSCE agree with it, except for a confidence of exactly 1.0: torchmetrics counts that
 in a hidden extra bin of its own (torchmetrics issue #3510), here it belongs to the last
-bin as in Guo et al. (2017). All computations run in float64.
+bin as in Guo et al. (2017). All computations run in float64. Bootstrap intervals of these
+metrics: ``cqkd.calibration.bootstrap``.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def confidence(logits: torch.Tensor) -> float:
     return float(_probs(logits).max(-1).values.mean())
 
 
-def _check(logits: torch.Tensor, labels: torch.Tensor) -> None:
+def check(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """ValueError unless logits are (N, K) and labels (N,) with N >= 1."""
     if logits.ndim != 2 or labels.ndim != 1 or logits.shape[0] != labels.shape[0]:
         raise ValueError(f"expected logits (N, K) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
     if logits.shape[0] == 0:
@@ -87,7 +89,7 @@ def _bin_stats(conf: torch.Tensor, correct: torch.Tensor, n_bins: int):
 def reliability_bins(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> dict[str, list[float]]:
     """The data of a reliability diagram: bin edges, counts, mean confidence, accuracy
     (empty bins have count 0 and confidence = accuracy = 0)."""
-    _check(logits, labels)
+    check(logits, labels)
     p = _probs(logits)
     conf, pred = p.max(-1)
     count, mean_conf, acc = _bin_stats(conf, pred == labels, n_bins)
@@ -103,7 +105,7 @@ def calibration_errors(logits: torch.Tensor, labels: torch.Tensor, n_bins: int =
     ``ece_over`` sums the bins where conf > acc (over-confidence), ``ece_under`` the others,
     so ece = ece_over + ece_under. Empty bins are skipped (also by MCE).
     """
-    _check(logits, labels)
+    check(logits, labels)
     p = _probs(logits)
     conf, pred = p.max(-1)
     count, mean_conf, acc = _bin_stats(conf, pred == labels, n_bins)
@@ -129,7 +131,7 @@ def adaptive_ece(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -
     (nearly) equal size (Nixon et al., 2019); ties in confidence are broken by sample order.
 
     With fewer samples than bins, each sample is its own bin."""
-    _check(logits, labels)
+    check(logits, labels)
     p = _probs(logits)
     conf, pred = p.max(-1)
     order = conf.argsort(stable=True)
@@ -149,7 +151,7 @@ def classwise_ece(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) 
 
         cwECE = (1/K) Σ_k Σ_b (|B_kb|/N) · |mean_{i∈B_kb} p_ik − mean_{i∈B_kb} 1[y_i = k]|
     """
-    _check(logits, labels)
+    check(logits, labels)
     p = _probs(logits)
     k = p.shape[-1]
     total = 0.0
@@ -162,7 +164,7 @@ def classwise_ece(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) 
 def all_metrics(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> dict[str, float]:
     """Every metric cqkd reports for a set of predictions."""
     logits, labels = logits.detach().cpu(), labels.detach().cpu()
-    _check(logits, labels)
+    check(logits, labels)
     out = {"top1": top1(logits, labels)}
     if logits.shape[-1] > 10:
         out["top5"] = topk(logits, labels, 5)
@@ -180,68 +182,3 @@ def mean_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> float
     log_t = F.log_softmax(teacher_logits.double(), -1)
     log_s = F.log_softmax(student_logits.double(), -1)
     return float((log_t.exp() * (log_t - log_s)).sum(-1).mean())
-
-
-def bootstrap_indices(n: int, size: int, seed: int = 0, block: int | None = None):
-    """The resamples of ``bootstrap_replicates``: blocks of rows of ``size`` indices drawn
-    uniformly with replacement from range(size), ``n`` rows in all, from a CPU generator
-    seeded with ``seed`` (so every call yields the same rows)."""
-    g = torch.Generator().manual_seed(seed)
-    block = block or max(1, min(n, 2_000_000 // max(size, 1)))
-    done = 0
-    while done < n:
-        b = min(block, n - done)
-        yield torch.randint(0, size, (b, size), generator=g)
-        done += b
-
-
-def bootstrap_replicates(logits: torch.Tensor, labels: torch.Tensor, n: int = 1000, seed: int = 0,
-                         ece_bins: int = 15) -> dict[str, torch.Tensor]:
-    """top1, NLL and ECE on each of the ``n`` resamples of ``bootstrap_indices``: tensors (n,).
-
-    The ECE of a resample uses the bins of ``calibration_errors``:
-    Σ_b |B_b|/N · |conf(B_b) − acc(B_b)| = (1/N) Σ_b |Σ_{i∈B_b} (conf_i − correct_i)|.
-    """
-    if n < 1:
-        raise ValueError(f"the number of bootstrap resamples must be at least 1, got {n}")
-    logits, labels = logits.detach().cpu(), labels.detach().cpu()
-    _check(logits, labels)
-    logp = F.log_softmax(logits.double(), dim=-1)
-    conf, pred = logp.exp().max(-1)
-    correct = (pred == labels).double()
-    sample_nll = -logp.gather(1, labels[:, None]).squeeze(1)
-    bins = bin_index(conf, ece_bins)
-    size = len(labels)
-    reps: dict[str, list[torch.Tensor]] = {"top1": [], "nll": [], "ece": []}
-    for idx in bootstrap_indices(n, size, seed):
-        b = len(idx)
-        c, a, bb = conf[idx], correct[idx], bins[idx]
-        reps["top1"].append(a.mean(1))
-        reps["nll"].append(sample_nll[idx].mean(1))
-        gap_sum = torch.zeros(b, ece_bins, dtype=torch.float64).scatter_add_(1, bb, c - a)
-        reps["ece"].append(gap_sum.abs().sum(1) / size)
-    return {k: torch.cat(v) for k, v in reps.items()}
-
-
-def bootstrap_intervals(logits: torch.Tensor, labels: torch.Tensor, n: int = 1000, seed: int = 0,
-                        ece_bins: int = 15, level: float = 0.95) -> dict[str, dict[str, float]]:
-    """Percentile bootstrap intervals (Efron & Tibshirani, 1993) for top-1, NLL and ECE.
-
-    Draws ``n`` resamples of the N samples with replacement (``bootstrap_indices``: seeded,
-    so the result is reproducible), recomputes each metric on every resample
-    (``bootstrap_replicates``) and returns, per metric, ``{"value": the metric on all
-    samples, "low": q_{(1-level)/2}, "high": q_{(1+level)/2}}``, q being the empirical
-    quantiles of the n replicates (linear interpolation).
-    """
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    reps = bootstrap_replicates(logits, labels, n, seed, ece_bins)
-    logits, labels = logits.detach().cpu(), labels.detach().cpu()
-    point = {"top1": top1(logits, labels), "nll": nll(logits, labels),
-             "ece": calibration_errors(logits, labels, ece_bins)["ece"]}
-    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    out: dict[str, dict[str, float]] = {}
-    for key, values in reps.items():
-        lo, hi = torch.quantile(values, q).tolist()
-        out[key] = {"value": point[key], "low": lo, "high": hi}
-    return out

@@ -1,5 +1,16 @@
-"""Temperature scaling (Guo et al., 2017) and the calibration of a run.
+"""Temperature scaling (Guo et al., 2017) and the one ``calibration.json`` schema.
 
+Schema 2, written by ``TemperatureScaler.save`` and by ``cqkd calibrate`` (a run's file)::
+
+    schema: 2, method: "temperature"
+    t_cal, t_min, t_max, at_bound        the temperature and the search range it was fitted in
+    n_fit, nll_fit_before, nll_fit_after the fit: samples, NLL at T = 1 and at T_cal on them
+    split                                the split it was fitted on (null: fitted outside a run)
+    a run's file only: ece_bins, metrics ({split: n, top1, nll/ece_before/after}), weights_digest,
+    model, dataset, degradation, time
+
+Older files (no ``schema`` key) are read in both earlier layouts: the scaler's (``n``,
+``nll_before``, ``nll_after``) and the run's (already ``n_fit``, ``nll_fit_*``, no search range).
 Details: docs/architecture.md.
 """
 
@@ -7,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -17,6 +29,32 @@ from cqkd.core.rundir import RunDir
 from cqkd.errors import CqkdError
 
 _GOLDEN = (math.sqrt(5) - 1) / 2  # 0.618...
+SCHEMA = 2
+T_RANGE = (1e-2, 1e2)  # the default search range of T_cal
+_V1_SCALER_KEYS = {"n": "n_fit", "nll_before": "nll_fit_before", "nll_after": "nll_fit_after"}
+
+
+def upgrade(data: Any, where: str = "calibration") -> dict[str, Any]:
+    """``data`` of a calibration file in the current schema (a copy; older layouts converted);
+    ``CqkdError`` naming ``where`` if it is not a temperature-scaling calibration."""
+    if not isinstance(data, dict) or data.get("method", "temperature") != "temperature":
+        raise CqkdError(f"{where}: not a temperature-scaling calibration")
+    out = dict(data)
+    version = out.get("schema", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CqkdError(f"{where}: schema={version!r} is not a calibration schema version")
+    if version > SCHEMA:
+        raise CqkdError(f"{where}: schema {version} was written by a newer cqkd (this one reads up to {SCHEMA})")
+    if version == 1:
+        for old, new in _V1_SCALER_KEYS.items():
+            if old in out and new not in out:
+                out[new] = out.pop(old)
+        out.setdefault("split", None)
+        out.setdefault("t_min", T_RANGE[0])
+        out.setdefault("t_max", T_RANGE[1])
+        out.setdefault("at_bound", False)
+        out.update(schema=SCHEMA, method="temperature")
+    return out
 
 
 def _nll_at(logits: torch.Tensor, labels: torch.Tensor, t: float) -> float:
@@ -30,12 +68,13 @@ class TemperatureScaler:
     u = log T in ``[log t_min, log t_max]`` by golden-section search in float64 (to a width of
     ``tol`` in u). Guard: if the fitted NLL were higher than the NLL at T = 1 (it cannot be,
     up to rounding), T_cal = 1 is kept. ``transform(logits)`` returns z / T_cal.
-    ``save``/``load`` use JSON. After ``fit``: ``nll_before`` (T = 1), ``nll_after``, ``n``
+    ``save``/``load`` use ``calibration.json`` (schema: module docstring). After ``fit``: ``nll_before`` (T = 1), ``nll_after``, ``n``
     and ``at_bound`` (the optimum lies at the edge of the search range, e.g. separable data
     whose NLL keeps falling as T → 0).
     """
 
-    def __init__(self, t_cal: float | None = None, t_min: float = 1e-2, t_max: float = 1e2, tol: float = 1e-10) -> None:
+    def __init__(self, t_cal: float | None = None, t_min: float = T_RANGE[0], t_max: float = T_RANGE[1],
+                 tol: float = 1e-10) -> None:
         if not 0 < t_min < 1 < t_max:
             raise ValueError(f"need 0 < t_min < 1 < t_max, got {t_min}, {t_max}")
         if t_cal is not None and not (math.isfinite(t_cal) and t_cal > 0):
@@ -107,27 +146,25 @@ class TemperatureScaler:
 
     # ---------------------------------------------------------------- persistence
     def to_dict(self) -> dict[str, Any]:
-        """The fitted scaler as a JSON-ready dict (the contents of ``calibration.json``)."""
-        return {"method": "temperature", "t_cal": self.t_cal, "nll_before": self.nll_before,
-                "nll_after": self.nll_after, "n": self.n, "at_bound": self.at_bound,
-                "t_min": self.t_min, "t_max": self.t_max}
+        """The fitted scaler as a JSON-ready dict in the ``calibration.json`` schema (split: None)."""
+        return {"schema": SCHEMA, "method": "temperature", "t_cal": self.t_cal, "t_min": self.t_min,
+                "t_max": self.t_max, "at_bound": self.at_bound, "n_fit": self.n,
+                "nll_fit_before": self.nll_before, "nll_fit_after": self.nll_after, "split": None}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "calibration") -> "TemperatureScaler":
-        """A scaler from a dict written by :meth:`to_dict`; ``CqkdError`` naming ``where`` if it is not a valid one."""
-        if not isinstance(data, dict) or data.get("method", "temperature") != "temperature":
-            raise CqkdError(f"{where}: not a temperature-scaling calibration")
+        """A scaler from a calibration dict of any schema version; ``CqkdError`` naming ``where`` if it is not a valid one."""
+        data = upgrade(data, where)
         t = data.get("t_cal")
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             raise CqkdError(f"{where}: t_cal={t!r} is not a number > 0")
-        scaler = cls(float(t), data.get("t_min", 1e-2), data.get("t_max", 1e2))
-        scaler.nll_before, scaler.nll_after = data.get("nll_before"), data.get("nll_after")
-        scaler.n, scaler.at_bound = data.get("n"), bool(data.get("at_bound", False))
+        scaler = cls(float(t), data["t_min"], data["t_max"])
+        scaler.nll_before, scaler.nll_after = data.get("nll_fit_before"), data.get("nll_fit_after")
+        scaler.n, scaler.at_bound = data.get("n_fit"), bool(data.get("at_bound", False))
         return scaler
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the fitted temperature as JSON (atomically)."""
-
         if self.t_cal is None:
             raise RuntimeError("nothing to save: the scaler is not fitted")
         write_json(path, self.to_dict())
@@ -135,17 +172,15 @@ class TemperatureScaler:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TemperatureScaler":
         """A scaler from a ``calibration.json`` file."""
-
         return cls.from_dict(read_json(path), where=str(path))
 
 
 def read_calibration(run_path: str | os.PathLike) -> dict[str, Any] | None:
-    """The run's ``calibration.json`` (checked), or None when there is none."""
-
+    """The run's ``calibration.json`` (checked, in the current schema), or None when there is none."""
     file = RunDir(run_path).calibration_file
     if not file.exists():
         return None
-    data = read_json(file)
+    data = upgrade(read_json(file), where=str(file))
     TemperatureScaler.from_dict(data, where=str(file))  # validates t_cal
     return data
 
@@ -156,8 +191,6 @@ def _checked_t_cal(data: dict[str, Any], run_path: str | os.PathLike) -> float:
     z_t / T_cal turns the soft targets into (nearly) one-hot ones."""
     t_cal = float(data["t_cal"])
     if data.get("at_bound"):
-        import warnings
-
         val = data.get("metrics", {}).get("val", {}) if isinstance(data.get("metrics"), dict) else {}
         top1 = val.get("top1") if isinstance(val, dict) and isinstance(val.get("top1"), (int, float)) else float("nan")
         warnings.warn(f"T_cal = {t_cal:g} of {str(run_path)!r} lies at the edge of the search range (val "

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import typing
+import warnings
 from collections.abc import Callable, Sequence
 
 from cqkd import __version__
@@ -54,9 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _quiet_libraries() -> None:
     """Keep Lightning's banners and known-harmless warnings out of the user's terminal."""
-    import warnings
-
-    os.environ["CQKD_QUIET_LIGHTNING"] = "1"
     for pattern in (".*LeafSpec.*", ".*does not have many workers.*", ".*Experiment logs directory.*",
                     ".*exists and is not empty.*", ".*litlogger.*",
                     r".*module\(s\) in eval mode.*", ".*smaller than the logging interval.*"):

@@ -7,6 +7,8 @@ import os
 import time
 import typing
 from collections.abc import Callable
+from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import Any
 
 from cqkd.errors import CqkdError
@@ -17,8 +19,6 @@ def _add_run_options(p: argparse.ArgumentParser, distill: bool) -> None:
 
     Unset options keep the RunConfig default (or the value from --config): argparse stores nothing
     for them, and the help shows the defaults."""
-    from dataclasses import MISSING, fields
-
     from cqkd.core.config import GROUPS, RunConfig
 
     groups = {name: p.add_argument_group(name) for name in GROUPS}
@@ -100,7 +100,7 @@ def cmd_train(args: argparse.Namespace, kind: str = "train") -> int:
     from cqkd.train.fit import fit_run
 
     cfg = _config_from_args(args, kind)
-    metrics = fit_run(cfg, args.out, force=args.force, progress=not args.quiet, resume=args.resume)
+    metrics = fit_run(cfg, args.out, force=args.force, progress=not args.quiet, resume=args.resume, quiet=True)
     from cqkd.train.setup import is_rank_zero
 
     if is_rank_zero():
@@ -124,10 +124,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _check_range("--ece-bins", args.ece_bins, 1, 100_000)
     overrides = {} if args.ece_bins is None else {"ece_bins": args.ece_bins}
     outputs: dict[str, Any] = {}
-    metrics = evaluate_run(args.run, progress=not args.quiet, outputs=outputs, **overrides)
+    metrics = evaluate_run(args.run, progress=not args.quiet, outputs=outputs, quiet=True, **overrides)
     _print_metrics(f"evaluation of {args.run} (test split)", metrics)
     if args.bootstrap:
-        from cqkd.calibration.metrics import bootstrap_intervals
+        from cqkd.calibration.bootstrap import bootstrap_intervals
         from cqkd.cli.tables import intervals_table
 
         intervals = bootstrap_intervals(outputs["logits"], outputs["labels"], n=args.bootstrap,
@@ -148,16 +148,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from cqkd.cli.tables import calibration_table
     from cqkd.train.calibrate import calibrate_run
 
-    result = calibrate_run(args.run, split=args.split, ece_bins=args.ece_bins, progress=not args.quiet)
+    result = calibrate_run(args.run, split=args.split, ece_bins=args.ece_bins, progress=not args.quiet,
+                           quiet=True)
     calibration_table(args.run, result)
     print(f"written: {os.path.join(args.run, 'calibration.json')}")
     return 0
 
 
 def cmd_plot_reliability(args: argparse.Namespace) -> int:
-    """``cqkd plot-reliability``: draw one reliability diagram (.png) from the test logits of one or more runs."""
-    from pathlib import Path
-
+    """``cqkd plot reliability``: draw one reliability diagram (.png) from the test logits of one or more runs."""
     from cqkd.calibration.plots import reliability_diagram
     from cqkd.core.io import check_output_file
     from cqkd.core.rundir import RunDir

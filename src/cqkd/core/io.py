@@ -15,9 +15,23 @@ import yaml
 
 from cqkd.errors import CqkdError
 
-_UMASK = os.umask(0o022)
 MAX_TEXT_BYTES = 64 << 20  # a JSON or YAML file cqkd reads is far smaller than this
 MAX_YAML_NODES = 100_000  # nodes after expanding aliases: more is an alias bomb
+
+
+def process_umask() -> int:
+    """The process's umask: read from /proc/self/status on Linux (reading changes nothing), else
+    by setting and at once restoring it (the only portable way)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class _Guarded:
@@ -55,7 +69,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
         raise write_error(path, e) from None
     guarded = None
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~process_umask())  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, mode) as f:
             guarded = _Guarded(f)
             write(guarded)

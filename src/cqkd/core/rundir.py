@@ -15,7 +15,7 @@ import torch
 
 from cqkd import __version__
 from cqkd.core.config import RunConfig
-from cqkd.core.io import _UMASK, check_creatable, load_tensors, read_json, read_yaml, write_json, write_yaml
+from cqkd.core.io import check_creatable, load_tensors, read_json, read_yaml, write_json, write_yaml
 from cqkd.core.lock import Lock, acquire, holds, is_held
 from cqkd.errors import CqkdError
 
@@ -27,8 +27,6 @@ OUTPUT_FILES = ("metrics.json", "test_logits.pt", "model.safetensors", "calibrat
                 "reliability.png", *CHECKPOINT_FILES)  # what starting a run over removes
 RUN_FILES = (MARKER, LOCK, "config.yaml", "status.json", *OUTPUT_FILES)  # every file a run may write
 
-
-os.umask(_UMASK)
 
 
 class RunDir:

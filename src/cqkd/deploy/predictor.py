@@ -19,11 +19,9 @@ from cqkd.data.folder import FolderSplit
 from cqkd.data.registry import Splits
 from cqkd.deploy.images import ImageInput, full_view, read_image, to_channels
 from cqkd.errors import CqkdError
-from cqkd.nets.registry import build_model
-from cqkd.nets.teacher import file_digest, load_weights
-from cqkd.train.checkpoints import check_weights
+from cqkd.nets.teacher import file_digest
 from cqkd.train.module import Normalize
-from cqkd.train.setup import load_splits
+from cqkd.train.predict import load_trained
 from cqkd.views.augment import to_float
 from cqkd.views.degrade import Degradation
 
@@ -139,17 +137,12 @@ def run_temperature(run: RunDir, weights: Path) -> float | None:
 
 def open_run(path: str | os.PathLike, calibration: bool = True) -> tuple[Predictor, RunConfig, Splits]:
     """The predictor of the run in ``path`` with the run's config and dataset splits."""
-    run = RunDir(path)
-    if not run.path.is_dir():
+    if not RunDir(path).path.is_dir():
         raise CqkdError(f"run {str(path)!r} does not exist or is not a directory")
-    cfg = run.config()
-    weights = run.require_weights()
-    check_weights(weights, cfg)
-    splits = load_splits(cfg)
+    trained = load_trained(path, reseed=False)  # the model loading of evaluate and calibrate
+    run, cfg, weights, splits, model = trained.run, trained.cfg, trained.weights, trained.splits, trained.model
     info = splits.info
     degradation = cfg.degradation_spec()
-    model = build_model(cfg.model, info.num_classes, info.channels, degradation.output_size(info.image_size))
-    load_weights(model, weights)
     folder_crop = splits.test.crop_size if isinstance(splits.test, FolderSplit) else None
     meta = {"run": str(run.path), "kind": cfg.kind, "model": cfg.model, "dataset": info.name,
             "degradation": degradation.spec(), "weights": str(weights)}

@@ -31,7 +31,7 @@ import torch
 from cqkd.core.io import atomic_write, file_sha256, read_json
 from cqkd.core.lock import acquire
 from cqkd.core.progress import Progress, say
-from cqkd.core.signals import hang_if_asked
+from cqkd.core import faults
 from cqkd.distill.targets import KL_TEMPERATURES, kl_to_full, topk_decode, topk_encode
 from cqkd.errors import CqkdError
 from cqkd.views.augment import BANK_SEED, ViewBank, to_float
@@ -270,7 +270,7 @@ def _build_chunk(spec: CacheSpec, produce: Produce, forward: Callable[[torch.Ten
         for name, table in tables.items():
             parts.setdefault(name, []).append(np.asarray(table))
         bar.update(len(views))
-        hang_if_asked("cache")
+        faults.point("cache")
     arrays = {name: np.concatenate(v) for name, v in parts.items()}
     arrays.update(_kl_sum=kl_sum, _kl_max=kl_max, _kept_mass=np.array([kept]))
     return arrays

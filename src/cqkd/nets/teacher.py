@@ -5,7 +5,7 @@
   (``.pt``/``.pth``/``.bin``, read with ``weights_only=True``, never unpickling code) or a
   ``.safetensors`` file; its input normalisation is the dataset's;
 * pretrained weights by name (``--teacher-model resnet50 --teacher-weights IMAGENET1K_V2``),
-  downloaded by torchvision or timm (see ``cqkd.pretrained``); normalised with the mean/std
+  downloaded by torchvision or timm (see ``cqkd.nets.pretrained``); normalised with the mean/std
   the weights were trained with.
 
 Run-directory and file teachers see the dataset's input size (the crop for image folders).

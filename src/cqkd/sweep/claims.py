@@ -12,13 +12,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-HOST = socket.gethostname()
 _SIZE = 1024  # a held file is rewritten in place at this fixed length (JSON padded with spaces)
+
+
+def host() -> str:
+    """This machine's host name (read when asked, not at import)."""
+    return socket.gethostname()
 
 
 def identity() -> dict[str, Any]:
     """This process: host, pid and a token that tells it apart from a later process with the same pid."""
-    return {"host": HOST, "pid": os.getpid(), "token": uuid.uuid4().hex[:12]}
+    return {"host": host(), "pid": os.getpid(), "token": uuid.uuid4().hex[:12]}
 
 
 class HeldFile:

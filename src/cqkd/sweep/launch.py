@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from cqkd.errors import CqkdError
-from cqkd.sweep.claims import HOST
+from cqkd.sweep.claims import host
 from cqkd.sweep.plan import SweepPlan, plan_sweep
 from cqkd.sweep.progress import SweepProgress, summary
 from cqkd.sweep.runner import STALE_AFTER, run_sweep
@@ -77,7 +78,7 @@ def launch_local(plan: SweepPlan, workers: int, threads: int | None, devices_per
     procs: list[tuple[subprocess.Popen, Path]] = []
     for i, devices in enumerate(gpus):
         env = child_env(threads, devices)
-        log = logs / f"{HOST}-worker-{i}.log"
+        log = logs / f"{host()}-worker-{i}.log"
         with open(log, "a") as f:
             f.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')}: {' '.join(cmd)}\n")
             f.flush()
@@ -168,7 +169,6 @@ def launch_ray(plan: SweepPlan, workers: int | None, threads: int | None, device
         import ray
     except ImportError:
         raise CqkdError("--launcher ray needs Ray: pip install 'cqkd[ray]'") from None
-    import logging
 
     threads = threads or 1
     local = address in (None, "local")
@@ -217,7 +217,7 @@ def ray_worker(raw: dict[str, Any], out: str, source: str, cwd: str, force: bool
     """One sweep worker inside a Ray task (in the driver's working directory, its output in a log)."""
     os.chdir(cwd)
     plan = plan_sweep(raw, out, where=source)
-    log = SweepDir(out).logs / f"{HOST}-{name}.log"
+    log = SweepDir(out).logs / f"{host()}-{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         return run_sweep(plan, force, progress=False, stale_after=stale_after, threads=threads).ran

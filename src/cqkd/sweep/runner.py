@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -46,7 +47,7 @@ def run_sweep(plan: SweepPlan, force: bool = False, dry_run: bool = False, progr
     """Work on ``plan`` in this process, alone or next to other workers on the same directory.
 
     ``dry_run`` lists each run as done / run / rerun (failed before) and runs nothing; ``fit``
-    defaults to ``fit_run``; ``threads`` sets torch's CPU threads for the duration."""
+    defaults to ``fit_run`` (without Lightning's banners: the sweep has its own display); ``threads`` sets torch's CPU threads for the duration."""
     display = SweepProgress(plan, bar=progress)
     say = print_fn or display.say
     if dry_run:
@@ -56,7 +57,7 @@ def run_sweep(plan: SweepPlan, force: bool = False, dry_run: bool = False, progr
         if threads:
             torch.set_num_threads(threads)
         with display:
-            result = Worker(plan, force, stale_after, fit or fit_run, display, say).run()
+            result = Worker(plan, force, stale_after, fit or functools.partial(fit_run, quiet=True), display, say).run()
     finally:
         torch.set_num_threads(before)
     for line in summary(plan, SweepDir(plan.out).load(), result.wall_s, len(result.ran), len(result.skipped)):

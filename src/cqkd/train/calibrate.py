@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,6 @@ from cqkd.train.predict import predict_splits
 
 
 def _before_after(logits: torch.Tensor, labels: torch.Tensor, t_cal: float, ece_bins: int) -> dict[str, float]:
-
     before = calibration_errors(logits, labels, ece_bins)
     after = calibration_errors(logits.double() / t_cal, labels, ece_bins)
     return {"n": int(len(labels)), "top1": top1(logits, labels),
@@ -28,15 +28,16 @@ def _before_after(logits: torch.Tensor, labels: torch.Tensor, t_cal: float, ece_
 
 
 def calibrate_run(run_path: str | os.PathLike, split: str = "val", ece_bins: int = 15,
-                  progress: bool = True) -> dict[str, Any]:
-    """Fit T_cal for the run in ``run_path`` on ``split`` and write ``calibration.json``.
+                  progress: bool = True, quiet: bool = False) -> dict[str, Any]:
+    """Fit T_cal for the run in ``run_path`` on ``split`` and write ``calibration.json`` (its schema:
+    ``cqkd.calibration.scaling``).
 
     The logits are the run's own on its evaluation view (un-augmented, degraded as the run
     was; ``cqkd.train.predict.predict_logits``), from its saved weights. Returns (and writes) the
     fitted ``t_cal``, the split used, and NLL / ECE before and after scaling on val and test.
     Fitting on the test split is refused: T_cal would be tuned on the data it is judged on.
+    ``quiet``: no Lightning banners.
     """
-
     if split == "test":
         raise CqkdError("calibrating on the test split is not allowed: T_cal would be fitted on the data "
                         "it is evaluated on; use --split val")
@@ -50,16 +51,13 @@ def calibrate_run(run_path: str | os.PathLike, split: str = "val", ece_bins: int
     check_output_file(run.calibration_file, "calibration")
     names = [split] + [s for s in ("val", "test") if s != split]
     if progress:
-        import sys
-
         print(f"computing the logits of {run.path} on {', '.join(names)} ...", file=sys.stderr, flush=True)
-    outputs = predict_splits(run.path, names)
+    outputs = predict_splits(run.path, names, quiet=quiet)
     fit = outputs[split]
     scaler = TemperatureScaler().fit(fit["logits"], fit["labels"])
     t_cal = float(scaler.t_cal)  # type: ignore[arg-type]
     result: dict[str, Any] = {
-        "method": "temperature", "t_cal": t_cal, "split": split, "n_fit": scaler.n, "ece_bins": ece_bins,
-        "nll_fit_before": scaler.nll_before, "nll_fit_after": scaler.nll_after, "at_bound": scaler.at_bound,
+        **scaler.to_dict(), "split": split, "ece_bins": ece_bins,  # the schema of cqkd.calibration.scaling
         "metrics": {s: _before_after(outputs[s]["logits"], outputs[s]["labels"], t_cal, ece_bins)
                     for s in ("val", "test")},
         "weights_digest": file_digest(weights), "model": cfg.model, "dataset": cfg.dataset,
@@ -80,7 +78,6 @@ def run_t_cal(run_path: str, fit_if_missing: bool = True) -> float:
     ``model.safetensors``, T_cal is fitted on the val split first (``calibrate_run``) when
     ``fit_if_missing``; otherwise that is an error.
     """
-
     run = RunDir(run_path)
     data = read_calibration(run_path)
     if data is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from cqkd.train.calibrate import run_t_cal
 from cqkd.train.checkpoints import check_teacher, check_weights, checkpoint_step, resume_checkpoint
 from cqkd.train.guard import RunGuard, SigtermOutsideFit, shuffle_generator
 from cqkd.train.module import CQKDModule
+from cqkd.train.predict import run_on_split
 from cqkd.train.setup import build_student, check_hardware, is_rank_zero, load_splits, make_trainer
 
 
@@ -71,13 +73,13 @@ def check_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, resum
 
 
 def fit_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, progress: bool = True,
-            resume: bool = False) -> dict[str, Any]:
+            resume: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Train (supervised or CQKD) as configured, writing the run directory ``out``.
 
     With ``resume``, continue the interrupted run in ``out`` from its most advanced checkpoint
     (see ``cqkd.train.checkpoints``); its stored configuration must match ``cfg``. The process
     holds the run's lock (``cqkd.core.lock``) from the moment it writes there until it returns.
-    Returns the metrics written to ``metrics.json``.
+    Returns the metrics written to ``metrics.json``. ``quiet``: no Lightning banners.
     """
     check_run(cfg, out, force, resume)
     run = RunDir(out)
@@ -86,18 +88,18 @@ def fit_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, progres
     if ckpt_path is not None and teacher is not None:
         check_teacher(ckpt_path, teacher.digest, teacher.path)
     if not is_rank_zero():
-        return _fit(run, cfg, splits, model, teacher, ckpt_path, progress, resume)
+        return _fit(run, cfg, splits, model, teacher, ckpt_path, progress, resume, quiet)
     run.prepare(cfg, force=force, resume=resume)
     try:
         if resume and ckpt_path is None:
             print(f"cqkd: {out} has no checkpoint yet; starting it from the beginning", file=sys.stderr)
-        return _fit(run, cfg, splits, model, teacher, ckpt_path, progress, resume)
+        return _fit(run, cfg, splits, model, teacher, ckpt_path, progress, resume, quiet)
     finally:
         run.release()
 
 
 def _fit(run: RunDir, cfg: RunConfig, splits: Splits, model: nn.Module, teacher: Teacher | None,
-         ckpt_path: Path | None, progress: bool, resume: bool) -> dict[str, Any]:
+         ckpt_path: Path | None, progress: bool, resume: bool, quiet: bool = False) -> dict[str, Any]:
     """Fit, test and save a prepared run; mark it failed (with the reason) if that does not end."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -113,7 +115,7 @@ def _fit(run: RunDir, cfg: RunConfig, splits: Splits, model: nn.Module, teacher:
             train_loader = make_loader(splits.train, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
                                        drop_last=len(splits.train) > cfg.batch_size, seed=cfg.seed, pin_memory=pin)
             guard.train_generator = shuffle_generator(train_loader)
-            trainer = make_trainer(cfg, run.path, progress, extra_callbacks=[guard],
+            trainer = make_trainer(cfg, run.path, progress, extra_callbacks=[guard], quiet=quiet,
                                    resume_step=checkpoint_step(ckpt_path) if ckpt_path else None)
             val_loader = make_loader(splits.val, eval_batch, shuffle=False, num_workers=cfg.num_workers,
                                      pin_memory=pin)
@@ -240,23 +242,19 @@ def save_outputs(run: RunDir, module: CQKDModule, metrics: dict[str, Any]) -> No
         reliability_diagram([(run.path.name, res["logits"], res["labels"])], run.path / "reliability.png",
                             n_bins=module.cfg.ece_bins)
     except Exception as e:  # noqa: BLE001
-        import warnings
-
         warnings.warn(f"could not draw {run.path / 'reliability.png'}: {type(e).__name__}: {e}", stacklevel=2)
     run.set_state("finished")
 
 
 def evaluate_run(path: str | os.PathLike, progress: bool = True, outputs: dict[str, torch.Tensor] | None = None,
-                 **overrides: Any) -> dict[str, Any]:
-    """Recompute a finished run's test metrics from its saved weights.
+                 quiet: bool = False, **overrides: Any) -> dict[str, Any]:
+    """Recompute a finished run's test metrics from its saved weights (through ``run_on_split``).
 
     ``outputs``, if given, receives the test tensors (``logits``, ``labels``, ...)."""
-
     run = RunDir(path)
     stored = run.config()
     cfg = stored.replace(**overrides) if overrides else stored
     weights = run.require_weights()
-
     check_weights(weights, stored)
     check_hardware(cfg.replace(devices=1, strategy="auto", num_nodes=1))
     splits, model, teacher = prepare(cfg)
@@ -267,8 +265,7 @@ def evaluate_run(path: str | os.PathLike, progress: bool = True, outputs: dict[s
         if isinstance(trained_t_cal, (int, float)) and trained_t_cal > 0:
             teacher.t_cal = float(trained_t_cal)
     module = CQKDModule(model, cfg, splits.info, teacher)
-    trainer = make_trainer(cfg, None, progress, devices=1, strategy="auto", num_nodes=1, logger=False)
-    trainer.test(module, make_loader(splits.test, 512, shuffle=False), verbose=False)
+    results = run_on_split(module, splits.test, progress, test_split=True, quiet=quiet)
     if outputs is not None:
-        outputs.update(module.test_results)
+        outputs.update(results)
     return collect_metrics(module, cfg, splits.info, teacher)

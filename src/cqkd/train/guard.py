@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
+from cqkd.core import faults
 from cqkd.data.folder import BankSampler
 from cqkd.errors import RunInterrupted
 
@@ -50,9 +49,9 @@ class RunGuard(L.Callback):
       order of an epoch does not depend on how many epochs this process has run;
     - the global torch RNG state is saved in and restored from the checkpoint.
 
-    Test-only hooks (environment): ``CQKD_TEST_HANG_AT_STEP=N`` waits at step N (after its
-    periodic checkpoint) until a signal arrives; ``CQKD_TEST_KILL_AFTER_EPOCH=E`` kills the
-    process with SIGKILL once epoch E (1-based) and its checkpoints are complete.
+    Test hooks (``cqkd.core.faults``): the points "step" (after a step's periodic checkpoint,
+    waiting until a signal is asked for) and "epoch" (at the start of an epoch, once the previous
+    one and its checkpoints are complete).
     """
 
     def __init__(self, checkpoint_dir: Path, every_n_steps: int, seed: int, train_generator: torch.Generator | None,
@@ -66,8 +65,6 @@ class RunGuard(L.Callback):
         self.saved_interrupt: str | None = None
         self.in_steps = False  # between on_train_start and on_train_end: stop after the current step
         self._old_sigint: Any = None
-        self._hang_at = int(os.environ.get("CQKD_TEST_HANG_AT_STEP", "0") or 0)
-        self._kill_after = int(os.environ.get("CQKD_TEST_KILL_AFTER_EPOCH", "0") or 0)
 
     # ---- state carried by the checkpoint
     def state_dict(self) -> dict[str, Any]:
@@ -134,10 +131,9 @@ class RunGuard(L.Callback):
         self.in_steps = False
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._kill_after and trainer.current_epoch == self._kill_after:
-            # test hook: the previous epoch and its checkpoints (written by ModelCheckpoint at the end of
-            # that epoch, after this callback's epoch-end hooks) are complete; die like kill -9
-            os.kill(os.getpid(), signal.SIGKILL)
+        # the previous epoch and its checkpoints (written by ModelCheckpoint at the end of that epoch,
+        # after this callback's epoch-end hooks) are complete here
+        faults.point("epoch", at=trainer.current_epoch)
         self._reseed(trainer)
 
     # ---- checkpoints
@@ -152,9 +148,7 @@ class RunGuard(L.Callback):
         step = trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0:
             self.save(trainer, "step.ckpt")
-        if self._hang_at and step == self._hang_at:
-            while self._requested(trainer) is None:
-                time.sleep(0.02)
+        faults.point("step", at=step, until=lambda: self._requested(trainer) is not None)
         why = self._requested(trainer)
         if trainer.world_size > 1:  # every rank must stop (and save, a collective) at the same step
             if trainer.strategy.reduce_boolean_decision(why is not None, all=False):

@@ -15,7 +15,7 @@ from torch import nn
 from cqkd import __version__
 from cqkd.core.config import RunConfig
 from cqkd.core.io import load_tensors, save_tensors
-from cqkd.core.signals import hang_if_asked
+from cqkd.core import faults
 from cqkd.data.registry import DatasetInfo, ImageData
 from cqkd.distill.loss import distillation_loss, supervised_loss
 from cqkd.distill.source import TeacherSource, make_teacher_source
@@ -253,7 +253,7 @@ class CQKDModule(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._test_outputs = []
-        hang_if_asked("test")
+        faults.point("test")
 
     def on_test_epoch_end(self) -> None:
         """Gather the test outputs of every process, drop the duplicates a distributed sampler

@@ -1,20 +1,76 @@
-"""A finished run's logits on a split, from its saved weights (what calibration is fitted on)."""
+"""Running a trained model on a split: the one path that ``evaluate_run``, calibration
+(``predict_splits``) and the teacher's memoised test outputs go through, and the one loader of a
+finished run's model (also behind the deploy ``Predictor``)."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from torch import nn
 
+from cqkd.core import faults
 from cqkd.core.config import RunConfig
 from cqkd.core.rundir import RunDir
-from cqkd.core.signals import hang_if_asked
-from cqkd.data.registry import make_loader
+from cqkd.data.registry import ImageData, Splits, make_loader
+from cqkd.nets.registry import build_model
 from cqkd.nets.teacher import load_weights
 from cqkd.train.checkpoints import check_weights
 from cqkd.train.module import CQKDModule
-from cqkd.train.setup import build_student, load_splits
-from cqkd.views.augment import step_generator, to_float
+from cqkd.train.setup import build_student, load_splits, make_trainer
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A finished run's student network with its saved weights loaded, its config and its data."""
+    run: RunDir
+    cfg: RunConfig  # the stored config, with any overrides applied
+    weights: Path
+    splits: Splits
+    model: nn.Module
+
+
+def load_trained(path: str | os.PathLike, reseed: bool = True, **overrides: object) -> TrainedModel:
+    """The run in ``path`` with its ``model.safetensors`` loaded (checked against its config).
+
+    ``reseed`` builds the network as training did (``build_student``: the global generators are
+    seeded with the run's seed, which is what the evaluation's degradation noise draws from);
+    without it the global generators are left alone (the deploy ``Predictor``)."""
+    run = RunDir(path)
+    stored = run.config()
+    cfg = stored.replace(**overrides) if overrides else stored
+    weights = run.require_weights()
+    check_weights(weights, stored)
+    splits = load_splits(cfg)
+    info = splits.info
+    if reseed:
+        model = build_student(cfg, info)
+    else:
+        model = build_model(cfg.model, info.num_classes, info.channels,
+                            cfg.degradation_spec().output_size(info.image_size))
+    load_weights(model, weights)
+    return TrainedModel(run, cfg, weights, splits, model)
+
+
+def run_on_split(module: CQKDModule, data: ImageData, progress: bool = False, batch_size: int = 512,
+                 test_split: bool = False, quiet: bool = False) -> dict[str, torch.Tensor]:
+    """``module``'s evaluation pass over ``data`` in order, on one device at its config's precision.
+
+    The view is the run's evaluation view (``CQKDModule.test_step``: the un-augmented image,
+    degraded as the run was). Returns ``{"idx", "labels", "logits"}``, with a teacher also
+    ``teacher_logits`` (full resolution) and ``teacher_lr_logits`` (the degraded view upsampled).
+    With ``test_split``, the teacher's outputs come from its memo when a sibling student saved
+    them, and are memoised for the next one otherwise. ``quiet``: no Lightning banners."""
+    if test_split:
+        module.load_teacher_memo(len(data))
+    trainer = make_trainer(module.cfg, None, progress, devices=1, strategy="auto", num_nodes=1, logger=False,
+                           quiet=quiet)
+    trainer.test(module, make_loader(data, batch_size, shuffle=False), verbose=False)
+    if test_split:
+        module.save_teacher_memo()
+    return module.test_results
 
 
 def _student_config(cfg: RunConfig) -> RunConfig:
@@ -25,39 +81,24 @@ def _student_config(cfg: RunConfig) -> RunConfig:
     return cfg.replace(kind="train", teacher=None, temperature=temperature, teacher_calibration="none")
 
 
-@torch.no_grad()
-def predict_splits(path: str | os.PathLike, names: list[str], batch_size: int = 512) -> dict[str, dict[str, torch.Tensor]]:
+def predict_splits(path: str | os.PathLike, names: list[str], batch_size: int = 512,
+                   quiet: bool = False) -> dict[str, dict[str, torch.Tensor]]:
     """A finished run's logits on the splits ``names``: ``{split: {"logits", "labels"}}``.
 
-    The view is the one the run is evaluated on (``validation_step``/``test_step``): the
-    un-augmented image through ``CQKDModule.student_forward`` (the run's degradation), from
-    its saved ``model.safetensors``, in eval mode. Noise in a degradation is drawn from a
-    generator seeded by the run's seed, so repeated calls give the same logits.
+    Through ``run_on_split`` (the run's evaluation view) in float32, on a GPU when one is there
+    and the run allows it, else on the CPU. Noise in a degradation is drawn from the global
+    generators, seeded by ``load_trained``, so repeated calls give the same logits.
     """
-
-    run = RunDir(path)
-    stored = run.config()
-    cfg = _student_config(stored)
-    weights = run.require_weights()
-
-    check_weights(weights, stored)
-    splits = load_splits(cfg)
-    model = build_student(cfg, splits.info)
-    load_weights(model, weights)
-    module = CQKDModule(model, cfg, splits.info).eval()
-    use_cuda = torch.cuda.is_available() and str(cfg.accelerator) in ("auto", "gpu", "cuda")
-    module.to("cuda" if use_cuda else "cpu")
+    run_cfg = RunDir(path).config()
+    gpu = torch.cuda.is_available() and str(run_cfg.accelerator) in ("auto", "gpu", "cuda")
+    trained = load_trained(path)
+    cfg = _student_config(trained.cfg).replace(accelerator="gpu" if gpu else "cpu", precision="32")
+    module = CQKDModule(trained.model, cfg, trained.splits.info)
     out: dict[str, dict[str, torch.Tensor]] = {}
     for name in names:
-        data = splits.split(name)
-        logits, labels = [], []
-        for i, (x, y, _) in enumerate(make_loader(data, batch_size, shuffle=False)):
-            g = step_generator(cfg.seed, i, stream=1)
-            z = module.student_forward(to_float(x.to(module.device)), g)
-            logits.append(z.float().cpu())
-            labels.append(y.cpu())
-            hang_if_asked("calibration")
-        out[name] = {"logits": torch.cat(logits), "labels": torch.cat(labels)}
+        faults.point("calibration")
+        res = run_on_split(module, trained.splits.split(name), batch_size=batch_size, quiet=quiet)
+        out[name] = {"logits": res["logits"], "labels": res["labels"]}
     return out
 
 

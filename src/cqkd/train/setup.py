@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from torch import nn
 
+from cqkd.core import faults
 from cqkd.core.config import RunConfig
-from cqkd.core.signals import hang_if_asked
 from cqkd.data.registry import DatasetInfo, Splits, load_dataset
 from cqkd.errors import CqkdError
 from cqkd.nets.registry import build_model
@@ -25,7 +27,7 @@ def load_splits(cfg: RunConfig) -> Splits:
     splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_samples, cfg.val_size, crop_size=cfg.crop_size,
                           skip_bad_images=cfg.skip_bad_images, augment=cfg.augment,
                           views_per_image=cfg.views_per_image)
-    hang_if_asked("data")
+    faults.point("data")
     size = cfg.degradation_spec().size
     if size > splits.info.image_size:
         raise CqkdError(f"--size {size} is larger than the {splits.info.name} images ({splits.info.image_size} px)")
@@ -45,9 +47,6 @@ def check_hardware(cfg: RunConfig) -> None:
     """Lightning's accelerator, devices, strategy, nodes and precision of ``cfg`` as this machine can
     run them (checked before any work; one line if not). Distributed settings that cannot start
     (no second node) fail here instead of waiting forever for their peers."""
-    import logging
-    import socket
-
     asked = f"--accelerator {cfg.accelerator} --devices {cfg.devices} --strategy {cfg.strategy}"
     if cfg.num_nodes > 1 and not _multi_node_launcher():
         raise CqkdError(f"--num-nodes {cfg.num_nodes} needs a launcher that starts cqkd on every node (torchrun, "
@@ -90,14 +89,12 @@ def is_rank_zero() -> bool:
 
 def make_trainer(cfg: RunConfig, run_dir: Path | None, progress: bool = True,
                  extra_callbacks: list[Any] | None = None, resume_step: int | None = None,
-                 **overrides: Any) -> L.Trainer:
-    """A Lightning Trainer for ``cfg``, with checkpoints, CSV log and progress in ``run_dir`` if given."""
+                 quiet: bool = False, **overrides: Any) -> L.Trainer:
+    """A Lightning Trainer for ``cfg``, with checkpoints, CSV log and progress in ``run_dir`` if given;
+    ``quiet`` keeps Lightning's informational banners out of the terminal (from then on, in this process)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-
-    if os.environ.get("CQKD_QUIET_LIGHTNING"):
-        import logging
-
+    if quiet:
         for name in ("lightning.pytorch", "lightning.fabric"):
             logging.getLogger(name).setLevel(logging.WARNING)
     callbacks: list[Any] = []
