@@ -20,6 +20,7 @@ from cqkd.core.io import atomic_write, save_tensors, write_json
 from cqkd.core.rundir import RunDir
 from cqkd.data.folder import skipped_files
 from cqkd.data.registry import DatasetInfo, Splits, check_data_dir, make_loader
+from cqkd.distill.methods import check_method
 from cqkd.errors import CqkdError, RunFailed, RunInterrupted
 from cqkd.nets.registry import count_flops, count_params
 from cqkd.nets.teacher import Teacher, load_teacher, load_weights
@@ -43,6 +44,10 @@ def prepare(cfg: RunConfig) -> tuple[Splits, nn.Module, Teacher | None]:
         teacher = load_teacher(cfg.teacher, info, cfg.teacher_model, cfg.teacher_weights)
         if degradation.size > teacher.input_size:
             raise CqkdError(f"--size {degradation.size} is larger than the teacher's input ({teacher.input_size} px)")
+        method = check_method(cfg.method)
+        if cfg.teacher_topk and cfg.teacher_topk < info.num_classes and method.needs.full_distribution:
+            raise CqkdError(f"--method {method.name} needs every class's teacher probability; "
+                            f"--teacher-topk {cfg.teacher_topk} keeps only {cfg.teacher_topk} of {info.num_classes}")
         if cfg.teacher_calibration == "temperature" or cfg.temperature == "calibrated":
             if not Path(cfg.teacher or "").is_dir():
                 raise CqkdError("teacher calibration needs a teacher run directory (--teacher RUN_DIR)")
@@ -59,6 +64,7 @@ def check_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, resum
         raise CqkdError("--resume and --force contradict each other: --resume continues the run in --out, "
                         "--force starts it over")
     run = RunDir(out)
+    check_method(cfg.method)
     if cfg.kind == "distill" and cfg.teacher:
         o, t = run.path.resolve(), Path(cfg.teacher).resolve()
         if o == t or t in o.parents or o in t.parents:
