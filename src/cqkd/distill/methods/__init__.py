@@ -7,9 +7,10 @@ spec string such as ``dkd,beta=8,warmup=20`` and returns the method. Adding one:
 from __future__ import annotations
 
 from cqkd.distill.methods.base import Method, Needs, Outputs, Progress, Settings, parse_spec
+from cqkd.distill.methods.dkd import DKD
 from cqkd.distill.methods.kd import KD
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (KD,)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (KD, DKD)}
 
 __all__ = ["METHODS", "Method", "Needs", "Outputs", "Progress", "Settings", "check_method", "make_method"]
 
