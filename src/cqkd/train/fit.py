@@ -218,7 +218,9 @@ def collect_metrics(module: CQKDModule, cfg: RunConfig, info: DatasetInfo, teach
             teacher_lr_metrics=_summary(all_metrics(res["teacher_lr_logits"], res["labels"], cfg.ece_bins)),
             kl_teacher_student=mean_kl(res["teacher_logits"], res["logits"]),
         )
-        if module.source is not None:
+        if not module.uses_teacher:
+            metrics.update(teacher_source="none", teacher_source_reason=f"method {cfg.method}: no teacher in training")
+        elif module.source is not None:
             metrics.update(module.source.describe())
         elif info.loader_augments:
             metrics.update(teacher_cache=cfg.teacher_cache, teacher_source="online",

@@ -6,11 +6,16 @@ spec string such as ``dkd,beta=8,warmup=20`` and returns the method. Adding one:
 
 from __future__ import annotations
 
+from cqkd.distill.methods.at import AT
 from cqkd.distill.methods.base import Method, Needs, Outputs, Progress, Settings, parse_spec
+from cqkd.distill.methods.ctkd import CTKD
+from cqkd.distill.methods.dist import DIST
 from cqkd.distill.methods.dkd import DKD
+from cqkd.distill.methods.fitnet import FitNet
 from cqkd.distill.methods.kd import KD
+from cqkd.distill.methods.tfkd import TFKD
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (KD, DKD)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (KD, DKD, DIST, CTKD, TFKD, FitNet, AT)}
 
 __all__ = ["METHODS", "Method", "Needs", "Outputs", "Progress", "Settings", "check_method", "make_method"]
 
