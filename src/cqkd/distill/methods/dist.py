@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from cqkd.distill.methods.base import Method, Needs, Option, Outputs, Progress
 
@@ -37,10 +38,12 @@ class DIST(Method):
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Row-wise Pearson correlation of ``a`` and ``b`` (the cosine of the centred rows, eps in the denominator)."""
-    a = a - a.mean(1, keepdim=True)
-    b = b - b.mean(1, keepdim=True)
-    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+    """Row-wise Pearson correlation: the cosine similarity of the centred rows.
+
+    ``F.cosine_similarity`` (as torchdistill's DISTLoss): the product of the norms is clamped at
+    ``eps``; the authors' code adds ``eps`` to it instead, which differs only for near-constant
+    rows (norm product below ~1e-8)."""
+    return F.cosine_similarity(a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True), dim=1, eps=eps)
 
 
 def dist_terms(z_s: torch.Tensor, z_t: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
