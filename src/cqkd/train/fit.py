@@ -31,8 +31,12 @@ from cqkd.train.module import CQKDModule
 from cqkd.train.setup import build_student, check_hardware, is_rank_zero, load_splits, make_trainer
 
 
-def prepare(cfg: RunConfig) -> tuple[Splits, nn.Module, Teacher | None]:
+def prepare(cfg: RunConfig, trained_t_cal: float | None = None) -> tuple[Splits, nn.Module, Teacher | None]:
     """Load data, teacher (frozen, with its T_cal where asked for) and student for ``cfg``.
+
+    T_cal is resolved here, once: the teacher's fitted value, or ``trained_t_cal`` (the value a
+    finished student was trained with, which ``evaluate_run`` reports even if the teacher was
+    recalibrated since).
 
     The student is initialised from ``cfg.seed`` (the global generators are seeded last, so that
     the initialisation does not depend on whatever loading the teacher drew from them)."""
@@ -51,7 +55,8 @@ def prepare(cfg: RunConfig) -> tuple[Splits, nn.Module, Teacher | None]:
         if cfg.teacher_calibration == "temperature" or cfg.temperature == "calibrated":
             if not Path(cfg.teacher or "").is_dir():
                 raise CqkdError("teacher calibration needs a teacher run directory (--teacher RUN_DIR)")
-            teacher.t_cal = run_t_cal(cfg.teacher, fit_if_missing=True)
+            fitted = run_t_cal(cfg.teacher, fit_if_missing=True)
+            teacher.t_cal = trained_t_cal if trained_t_cal is not None else fitted
     return splits, build_student(cfg, info), teacher
 
 
@@ -267,13 +272,11 @@ def evaluate_run(path: str | os.PathLike, progress: bool = True, outputs: dict[s
 
     check_weights(weights, stored)
     check_hardware(cfg.replace(devices=1, strategy="auto", num_nodes=1))
-    splits, model, teacher = prepare(cfg)
+    calibrated = cfg.kind == "distill" and (cfg.teacher_calibration == "temperature" or cfg.temperature == "calibrated")
+    trained = run.metrics().get("t_cal") if calibrated and run.metrics_file.exists() else None
+    trained_t_cal = float(trained) if isinstance(trained, (int, float)) and trained > 0 else None
+    splits, model, teacher = prepare(cfg, trained_t_cal)
     load_weights(model, weights)
-    if teacher is not None and teacher.t_cal is not None and run.metrics_file.exists():
-        # report the T_cal this student was trained with, even if the teacher was recalibrated since
-        trained_t_cal = run.metrics().get("t_cal")
-        if isinstance(trained_t_cal, (int, float)) and trained_t_cal > 0:
-            teacher.t_cal = float(trained_t_cal)
     module = CQKDModule(model, cfg, splits.info, teacher)
     trainer = make_trainer(cfg, None, progress, devices=1, strategy="auto", num_nodes=1, logger=False)
     trainer.test(module, make_loader(splits.test, 512, shuffle=False), verbose=False)
