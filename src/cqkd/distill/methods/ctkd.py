@@ -45,8 +45,10 @@ class CTKD(Method):
     t_range = 20, so T₀ ≈ 15.6). θ receives the *reversed* gradient (-λ·∂L/∂θ): the student
     minimises the KD loss, the temperature maximises it. λ follows the paper's curriculum,
     a cosine ramp from 0 to ``lambda_max`` = 1 over the first 10 of 240 epochs; ``ramp=0``
-    (default) scales it to the run: epochs·10/240. α is the run's ``--alpha``. The learned T
-    is logged each epoch as ``train/temperature``.
+    (default) scales it to the run: epochs·10/240 (the authors' code: models/temp_global.py,
+    CosineDecay and scripts/run_cifar_distill.sh of zhengli97/CTKD). α is the run's ``--alpha``,
+    so that ctkd differs from kd only in the temperature (the authors' CIFAR script weighs
+    0.1·CE + 0.9·KD: ``--alpha 0.9``). The learned T is logged each epoch as ``train/temperature``.
     """
 
     name = "ctkd"
