@@ -15,7 +15,8 @@ class TFKD(Method):
     every other. As in the authors' code, it is softened by softmax(u/T) (of the probabilities
     themselves) and the KL is averaged over all N·K elements (``nn.KLDivLoss()``'s mean, hence
     the 1/K and the multiplier m). Defaults: the authors' ResNet-18 / CIFAR-100 setting,
-    a = 0.99, T = 20, α = 0.1, m = 100. No teacher is run in training: the control that asks
+    a = 0.99, T = 20, α = 0.1, m = 100 (yuanli2333/Teacher-free-Knowledge-Distillation:
+    my_loss_function.py, experiments/base_experiments/base_resnet18/params.json). No teacher is run in training: the control that asks
     whether a teacher is needed at all (the run's --teacher is only evaluated on test).
     """
 
