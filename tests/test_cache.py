@@ -13,6 +13,7 @@ from cqkd.core.config import RunConfig
 from cqkd.core.rundir import RunDir
 from cqkd.data.registry import load_dataset
 from cqkd.distill import cache as cache_lib
+from cqkd.distill.methods import kd as kd_method  # the kd method calls distillation_loss
 from cqkd.distill.source import make_teacher_source
 from cqkd.nets.registry import build_model
 from cqkd.nets.teacher import load_teacher
@@ -82,7 +83,7 @@ def test_cached_distillation_matches_online_at_every_step(tmp_path, teacher_dir,
     same loss at every step and the same final metrics, up to float16 rounding of the logits."""
     records: dict[str, list[tuple[float, float, int]]] = {}
     mode = ["off"]
-    real_loss = train_module.distillation_loss
+    real_loss = kd_method.distillation_loss
 
     def recording_loss(z_s, z_t, y, *args):
         terms = real_loss(z_s, z_t, y, *args)
@@ -90,7 +91,7 @@ def test_cached_distillation_matches_online_at_every_step(tmp_path, teacher_dir,
             records.setdefault(mode[0], []).append((float(terms["loss"]), float(terms["kl"]), int(y.sum())))
         return terms
 
-    monkeypatch.setattr(train_module, "distillation_loss", recording_loss)
+    monkeypatch.setattr(kd_method, "distillation_loss", recording_loss)
     m_off = training.fit_run(distil_cfg(teacher_dir, teacher_cache="off"), tmp_path / "off", progress=False)
     mode[0] = "auto"
     m_auto = training.fit_run(distil_cfg(teacher_dir, teacher_cache="auto"), tmp_path / "auto", progress=False)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from cqkd import cli
 from cqkd.calibration.metrics import all_metrics, mean_kl, nll
 from cqkd.calibration.scaling import TemperatureScaler, read_calibration
+from cqkd.distill.methods import kd as kd_method  # the kd method calls distillation_loss
 from cqkd.distill.loss import distillation_loss, soft_targets
 from cqkd.errors import CqkdError
 from cqkd.train.calibrate import calibrate_run, run_t_cal
@@ -269,7 +270,7 @@ def test_training_path_uses_calibrated_soft_targets(teacher: Path, student: Path
         seen["terms"] = distillation_loss(z_s, z_t, y, temperature, alpha, teacher_temperature, label_smoothing)
         return seen["terms"]
 
-    monkeypatch.setattr(train_module, "distillation_loss", spy)
+    monkeypatch.setattr(kd_method, "distillation_loss", spy)
     for temperature, expect_t in ((2.0, 2.0), ("calibrated", t_cal)):
         cfg = RunDir(student).config().replace(temperature=temperature)
         splits, model, t = training.prepare(cfg)

@@ -15,6 +15,7 @@ from cqkd.core.config import RunConfig
 from cqkd.core.rundir import RunDir
 from cqkd.data.registry import load_dataset
 from cqkd.distill import cache as cache_lib
+from cqkd.distill.methods import kd as kd_method  # the kd method calls distillation_loss
 from cqkd.distill.source import make_teacher_source, memory_views
 from cqkd.distill.targets import kl_to_full, topk_decode, topk_encode, topk_logits
 from cqkd.nets.registry import build_model
@@ -98,7 +99,7 @@ def test_cached_and_online_distillation_on_an_image_folder_give_the_same_loss_at
     teacher = make_folder_teacher(tmp_path / "teacher")
     records: dict[str, list[tuple[float, float, int]]] = {}
     mode = ["off"]
-    real_loss = train_module.distillation_loss
+    real_loss = kd_method.distillation_loss
 
     def recording_loss(z_s, z_t, y, *args):
         terms = real_loss(z_s, z_t, y, *args)
@@ -106,7 +107,7 @@ def test_cached_and_online_distillation_on_an_image_folder_give_the_same_loss_at
             records.setdefault(mode[0], []).append((float(terms["loss"]), float(terms["kl"]), int(y.sum())))
         return terms
 
-    monkeypatch.setattr(train_module, "distillation_loss", recording_loss)
+    monkeypatch.setattr(kd_method, "distillation_loss", recording_loss)
     m_off = training.fit_run(folder_cfg(folder, teacher, teacher_cache="off", epochs=2), tmp_path / "off",
                              progress=False)
     mode[0] = "auto"

@@ -203,6 +203,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    """``cqkd methods``: the distillation methods, their options, needs and papers."""
+    from cqkd.cli.tables import methods_table
+
+    methods_table()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """``cqkd demo``: run the small demo study; exit 1 if any of its runs failed."""
     from cqkd.cli.tables import print_rows
@@ -260,6 +268,7 @@ def add_run_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> N
     p.add_argument("--size", type=int, default=28, help="input size for the FLOPs column")
     p.add_argument("--channels", type=int, default=1, help="input channels")
     p.add_argument("--classes", type=int, default=10, help="number of classes")
+    add("methods", cmd_methods, "list the distillation methods (--method) with options, defaults, needs and papers")
     p = add("demo", cmd_demo, "run the default Fashion-MNIST study: teacher, supervised and CQKD students at 14 and 7 px")
     p.add_argument("--out", default="runs/demo", help="directory for the demo's runs")
     p.add_argument("--data-dir", default=None, help="a local copy of Fashion-MNIST")

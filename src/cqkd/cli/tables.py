@@ -7,6 +7,8 @@ from typing import Any
 
 from cqkd.analysis.runs import list_runs
 from cqkd.core.text import fmt as _fmt
+from cqkd.distill.methods import METHODS
+from cqkd.distill.methods.base import STANDARDIZE, Method
 from cqkd.nets.registry import MODELS, build_model, count_flops, count_params
 from cqkd.sweep.runner import STALE_AFTER
 from cqkd.sweep.status import sweep_status
@@ -153,3 +155,19 @@ def sweep_status_table(out: str, stale_after: float | None = None) -> None:
         console.print(table)
     for name, error in s["failed"].items():
         console.print(escape(f"failed: {name}: {error}"), soft_wrap=True)
+
+
+def methods_table() -> None:
+    """Print the distillation methods: options with defaults and ranges, what each needs, its paper."""
+    rows = []
+    for name, cls in METHODS.items():
+        options = dict(cls.options)
+        if cls.logit_method:
+            options["standardize"] = STANDARDIZE
+        opts = ", ".join(f"{k}={o.describe()}" for k, o in options.items()) or "-"
+        if name in ("kd", "ctkd"):
+            opts = ("T=--temperature, " if name == "kd" else "") + "alpha=--alpha, " + opts
+        own = cls.build is not Method.build
+        rows.append((name, opts, cls.needs.describe(own), cls.paper))
+    print_rows("cqkd methods (--method NAME[,key=value...])", ("method", "options (default, range)", "needs", "paper"),
+               rows)

@@ -36,7 +36,7 @@ def option(default: Any, help: str, group: str, *, metavar: str | None = None, c
 
 
 D, M, K, H, O = GROUPS
-LATE_FIELDS: frozenset[str] = frozenset({"teacher_topk", "teacher_compile"})  # added since the study's runs (see RunConfig.digest)
+LATE_FIELDS: frozenset[str] = frozenset({"teacher_topk", "teacher_compile", "method"})  # added since the study's runs (see RunConfig.digest)
 MAX_SEED = 2**32 - 1  # what numpy and Lightning's seed_everything accept
 MAX_COUNT = 2**31 - 1  # a bound for counts (epochs, steps, images, ...) that every library can index
 MAX_BINS = 100_000
@@ -95,6 +95,8 @@ class RunConfig:
                                             "the other classes (online and cached alike; the cache then stores "
                                             "K+1 values per view); default: every logit", K, metavar="K",
                                       distill=True)
+    method: str = option("kd", "the distillation method and its options, e.g. 'dkd,beta=8' or 'kd,standardize=true' "
+                               "(see `cqkd methods`)", K, metavar="SPEC", distill=True)
     teacher_compile: bool = option(False, "run the teacher through torch.compile (a one-off compile time; see "
                                           "docs/performance.md)", K, distill=True)
     ece_bins: int = option(15, "equal-width bins for ECE", M)
@@ -206,6 +208,10 @@ class RunConfig:
             raise bad("teacher_weights", "give either teacher (a run directory or file) or teacher_weights, not both")
         if self.teacher_weights and not self.teacher_model:
             raise bad("teacher_weights", "needs teacher_model (e.g. resnet50 or timm:resnet50)")
+        if not isinstance(self.method, str) or not self.method.strip():
+            raise bad("method", "must be a method spec such as 'kd' or 'dkd,beta=8' (see `cqkd methods`)")
+        if self.kind == "train" and self.method != "kd":
+            raise bad("method", "a distillation method needs a distillation run (cqkd distill)")
         if self.kind == "train" and self.temperature == "calibrated":
             raise bad("temperature", "'calibrated' needs a teacher")
         # parse the specs now so that a bad one fails before any work
@@ -227,7 +233,7 @@ class RunConfig:
             raise bad("ece_bins", f"must be at most {MAX_BINS}")
         if self.crop_size > MAX_CROP:
             raise bad("crop_size", f"must be at most {MAX_CROP}")
-        for key in ("data_dir", "teacher", "teacher_model", "teacher_weights", "degradation", "augment"):
+        for key in ("data_dir", "teacher", "teacher_model", "teacher_weights", "degradation", "augment", "method"):
             value = getattr(self, key)
             if isinstance(value, str) and ("\x00" in value or len(value) > 4096):
                 raise bad(key, "is not a usable path or name (a NUL byte, or longer than 4096 characters)")

@@ -29,8 +29,7 @@ from cqkd.nets.teacher import Teacher
 from cqkd.views.augment import BANK_SEED, ViewBank, ViewSpec, apply_views, to_float
 from cqkd.views.regions import REGIONS_FILE, SIZES_FILE, RegionBank
 
-MAX_CACHE_BYTES = int(os.environ.get("CQKD_MAX_CACHE_BYTES", 8 << 30))
-
+MAX_CACHE_BYTES = 8 << 30  # the default of make_teacher_source's max_cache_bytes (CQKD_MAX_CACHE_BYTES)
 
 CACHE_PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed")  # the build runs under the run's autocast
 
@@ -162,23 +161,32 @@ def folder_views(split: FolderSplit, batch_views: int, num_workers: int) -> cach
     return produce
 
 
-def make_teacher_source(cfg: RunConfig, teacher: Teacher, train: ImageData | FolderSplit,
-                        num_classes: int) -> TeacherSource:
-    """The teacher source for a distillation run (nothing is built or read yet)."""
+def make_teacher_source(cfg: RunConfig, teacher: Teacher, train: ImageData | FolderSplit, num_classes: int,
+                        bank: ViewBank | None = None, online_reason: str = "",
+                        max_cache_bytes: int | None = None) -> TeacherSource:
+    """The teacher source for a distillation run (nothing is built or read yet).
+
+    ``bank``: the in-memory split's view bank (the training module builds it once);
+    ``online_reason``: why the teacher must run online (a method needs its features);
+    ``max_cache_bytes``: the largest cache (default: $CQKD_MAX_CACHE_BYTES or 8 GiB)."""
+    if max_cache_bytes is None:
+        max_cache_bytes = int(os.environ.get("CQKD_MAX_CACHE_BYTES", MAX_CACHE_BYTES))
     topk = cfg.teacher_topk if cfg.teacher_topk and cfg.teacher_topk < num_classes else None
     if topk and num_classes > np.iinfo(np.int16).max:
         raise CqkdError(f"--teacher-topk stores class indices as int16: at most 32767 classes, not {num_classes}")
     if isinstance(train, FolderSplit):
-        bank: Bank | None = train.regions
+        bank = train.regions
         views = bank.spec.spec() if bank is not None else ""
     else:
-        spec_views = ViewSpec.parse(cfg.augment)
-        bank = ViewBank(spec_views, len(train), cfg.views_per_image, BANK_SEED)
-        views = spec_views.spec()
+        if bank is None:
+            bank = ViewBank(ViewSpec.parse(cfg.augment), len(train), cfg.views_per_image, BANK_SEED)
+        views = bank.spec.spec()
 
     def online(reason: str) -> TeacherSource:
         return TeacherSource(bank, cfg.teacher_cache, reason, topk=topk)
 
+    if online_reason:
+        return online(online_reason)
     if cfg.teacher_cache == "off":
         return online("teacher_cache=off")
     if bank is None:
@@ -196,7 +204,7 @@ def make_teacher_source(cfg: RunConfig, teacher: Teacher, train: ImageData | Fol
         num_images=len(train), num_classes=num_classes, views=views, k=bank.k, bank_seed=bank.seed,
         topk=topk, teacher_precision="32" if precision in ("32", "32-true") else precision,
     )
-    if spec.logits_bytes > MAX_CACHE_BYTES:
+    if spec.logits_bytes > max_cache_bytes:
         hint = "" if topk else "; --teacher-topk stores less"
         return online(f"cache would take {spec.logits_bytes / 2**30:.1f} GiB (> CQKD_MAX_CACHE_BYTES){hint}; "
                       "teacher online")

@@ -57,10 +57,12 @@ class SmallCNN(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         cin, size = in_channels, input_size
+        self.stage_ends: list[str] = []  # the last block of each stage (cqkd.nets.features hooks them)
         for i, w in enumerate(widths):
             for _ in range(depth):
                 layers.append(_conv_bn(cin, w))
                 cin = w
+            self.stage_ends.append(f"features.{len(layers) - 1}")
             if i < len(widths) - 1 and size >= 6:
                 layers.append(nn.MaxPool2d(2))
                 size //= 2

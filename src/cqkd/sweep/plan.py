@@ -18,6 +18,7 @@ from typing import Any
 from cqkd.core.config import CONFIG_KEYS, RunConfig
 from cqkd.core.io import read_yaml
 from cqkd.core.rundir import RunDir
+from cqkd.distill.methods import check_method
 from cqkd.errors import CqkdError, check_keys
 from cqkd.nets.teacher import file_digest
 
@@ -214,6 +215,10 @@ def plan_sweep(raw: Any, out: str | os.PathLike, where: str = "sweep") -> SweepP
                                 f"({', '.join(teacher_dirs) or 'none defined'})")
             values = {**base, **point, "kind": "distill", "teacher": str(teacher_dirs[tname])}
             cfg = RunConfig.from_dict(values, where=f"{gw} {_point_text(point)}")
+            try:
+                check_method(cfg.method)
+            except CqkdError as e:
+                raise CqkdError(f"{gw} {_point_text(point)}: {e}") from None
             name = run_name("distill", point, cfg, grid)
             runs.append(PlannedRun(name, "distill", cfg, teacher=tname, path=out / name))
 

@@ -21,6 +21,7 @@ from cqkd.core.io import atomic_write, save_tensors, write_json
 from cqkd.core.rundir import RunDir
 from cqkd.data.folder import skipped_files
 from cqkd.data.registry import DatasetInfo, Splits, check_data_dir, make_loader
+from cqkd.distill.methods import check_method
 from cqkd.errors import CqkdError, RunFailed, RunInterrupted
 from cqkd.nets.registry import count_flops, count_params
 from cqkd.nets.teacher import Teacher, load_teacher, load_weights
@@ -32,8 +33,12 @@ from cqkd.train.predict import run_on_split
 from cqkd.train.setup import build_student, check_hardware, is_rank_zero, load_splits, make_trainer
 
 
-def prepare(cfg: RunConfig) -> tuple[Splits, nn.Module, Teacher | None]:
+def prepare(cfg: RunConfig, trained_t_cal: float | None = None) -> tuple[Splits, nn.Module, Teacher | None]:
     """Load data, teacher (frozen, with its T_cal where asked for) and student for ``cfg``.
+
+    T_cal is resolved here, once: the teacher's fitted value, or ``trained_t_cal`` (the value a
+    finished student was trained with, which ``evaluate_run`` reports even if the teacher was
+    recalibrated since).
 
     The student is initialised from ``cfg.seed`` (the global generators are seeded last, so that
     the initialisation does not depend on whatever loading the teacher drew from them)."""
@@ -45,10 +50,15 @@ def prepare(cfg: RunConfig) -> tuple[Splits, nn.Module, Teacher | None]:
         teacher = load_teacher(cfg.teacher, info, cfg.teacher_model, cfg.teacher_weights)
         if degradation.size > teacher.input_size:
             raise CqkdError(f"--size {degradation.size} is larger than the teacher's input ({teacher.input_size} px)")
+        method = check_method(cfg.method)
+        if cfg.teacher_topk and cfg.teacher_topk < info.num_classes and method.needs.full_distribution:
+            raise CqkdError(f"--method {method.name} needs every class's teacher probability; "
+                            f"--teacher-topk {cfg.teacher_topk} keeps only {cfg.teacher_topk} of {info.num_classes}")
         if cfg.teacher_calibration == "temperature" or cfg.temperature == "calibrated":
             if not Path(cfg.teacher or "").is_dir():
                 raise CqkdError("teacher calibration needs a teacher run directory (--teacher RUN_DIR)")
-            teacher.t_cal = run_t_cal(cfg.teacher, fit_if_missing=True)
+            fitted = run_t_cal(cfg.teacher, fit_if_missing=True)
+            teacher.t_cal = trained_t_cal if trained_t_cal is not None else fitted
     return splits, build_student(cfg, info), teacher
 
 
@@ -61,6 +71,7 @@ def check_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, resum
         raise CqkdError("--resume and --force contradict each other: --resume continues the run in --out, "
                         "--force starts it over")
     run = RunDir(out)
+    check_method(cfg.method)
     if cfg.kind == "distill" and cfg.teacher:
         o, t = run.path.resolve(), Path(cfg.teacher).resolve()
         if o == t or t in o.parents or o in t.parents:
@@ -214,7 +225,9 @@ def collect_metrics(module: CQKDModule, cfg: RunConfig, info: DatasetInfo, teach
             teacher_lr_metrics=_summary(all_metrics(res["teacher_lr_logits"], res["labels"], cfg.ece_bins)),
             kl_teacher_student=mean_kl(res["teacher_logits"], res["logits"]),
         )
-        if module.source is not None:
+        if not module.uses_teacher:
+            metrics.update(teacher_source="none", teacher_source_reason=f"method {cfg.method}: no teacher in training")
+        elif module.source is not None:
             metrics.update(module.source.describe())
         elif info.loader_augments:
             metrics.update(teacher_cache=cfg.teacher_cache, teacher_source="online",
@@ -257,13 +270,11 @@ def evaluate_run(path: str | os.PathLike, progress: bool = True, outputs: dict[s
     weights = run.require_weights()
     check_weights(weights, stored)
     check_hardware(cfg.replace(devices=1, strategy="auto", num_nodes=1))
-    splits, model, teacher = prepare(cfg)
+    calibrated = cfg.kind == "distill" and (cfg.teacher_calibration == "temperature" or cfg.temperature == "calibrated")
+    trained = run.metrics().get("t_cal") if calibrated and run.metrics_file.exists() else None
+    trained_t_cal = float(trained) if isinstance(trained, (int, float)) and trained > 0 else None
+    splits, model, teacher = prepare(cfg, trained_t_cal)
     load_weights(model, weights)
-    if teacher is not None and teacher.t_cal is not None and run.metrics_file.exists():
-        # report the T_cal this student was trained with, even if the teacher was recalibrated since
-        trained_t_cal = run.metrics().get("t_cal")
-        if isinstance(trained_t_cal, (int, float)) and trained_t_cal > 0:
-            teacher.t_cal = float(trained_t_cal)
     module = CQKDModule(model, cfg, splits.info, teacher)
     results = run_on_split(module, splits.test, progress, test_split=True, quiet=quiet)
     if outputs is not None:

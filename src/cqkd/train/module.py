@@ -17,9 +17,11 @@ from cqkd.core.config import RunConfig
 from cqkd.core.io import load_tensors, save_tensors
 from cqkd.core import faults
 from cqkd.data.registry import DatasetInfo, ImageData
-from cqkd.distill.loss import distillation_loss, supervised_loss
+from cqkd.distill.loss import supervised_loss
+from cqkd.distill.methods import Method, Outputs, Progress, Settings, make_method
 from cqkd.distill.source import TeacherSource, make_teacher_source
 from cqkd.errors import CqkdError
+from cqkd.nets.features import Taps, feature_stages, hint_stage
 from cqkd.nets.teacher import Teacher, freeze
 from cqkd.train.progress import EpochProgress
 from cqkd.views.augment import BANK_SEED, ViewBank, ViewSpec, apply_views, step_generator, to_float
@@ -48,6 +50,7 @@ class Step:
     temperature: float | None = None  # the distillation temperature T (None: supervised)
     t_cal: float = 1.0  # the teacher's logits are divided by this before T (1: uncalibrated)
     label_smoothing: float = 0.0
+    method: Method | None = None  # the distillation method (None: supervised)
 
     @classmethod
     def resolve(cls, cfg: RunConfig, info: DatasetInfo, teacher: Teacher | None) -> "Step":
@@ -58,7 +61,10 @@ class Step:
             return step
         temperature = teacher.t_cal if cfg.temperature == "calibrated" else float(cfg.temperature)
         t_cal = teacher.t_cal if cfg.teacher_calibration == "temperature" else 1.0
-        return replace(step, alpha=cfg.alpha, temperature=temperature, t_cal=t_cal)
+        settings = Settings(temperature=temperature, alpha=cfg.alpha, label_smoothing=cfg.label_smoothing,
+                            epochs=cfg.epochs, num_classes=info.num_classes)
+        return replace(step, alpha=cfg.alpha, temperature=temperature, t_cal=t_cal,
+                       method=make_method(cfg.method, settings))
 
 
 class CQKDModule(L.LightningModule):
@@ -86,16 +92,21 @@ class CQKDModule(L.LightningModule):
         if teacher is not None:
             self.teacher_normalize = Normalize(teacher.mean, teacher.std)
             freeze(self.teacher).to(memory_format=torch.channels_last)  # faster convolutions, same values
+        method = self.step.method
+        self.uses_teacher = method is not None and (method.needs.teacher_logits or bool(method.needs.features))
+        self.student_taps, self.teacher_taps = self._taps(method)
+        self.distiller = self._build_method(method)  # the method's own trainable modules (often none)
         self.source: TeacherSource | None = None
         self.bank: ViewBank | None = None
-        if teacher is not None and train_data is not None:
-            self.source = make_teacher_source(cfg, teacher, train_data, info.num_classes)
-        elif train_data is not None and not info.loader_augments:
-            # supervised runs draw from the same per-image bank as distillation (same k, same
-            # seed, same draws from the step generator): a supervised and a distilled student
-            # of one seed see the same views, and differ only in the loss
+        if train_data is not None and not info.loader_augments:
+            # every run draws from the same per-image bank (same k, same seed, same draws from
+            # the step generator): a supervised and a distilled student of one seed see the
+            # same views, and differ only in the loss
             self.bank = ViewBank(self.views, len(train_data), cfg.views_per_image, BANK_SEED)
-        self.strict_loading = False  # checkpoints hold the student only
+        if self.uses_teacher and train_data is not None:
+            online = f"method {method.name} needs the teacher's features; teacher online" if method.needs.features else ""
+            self.source = make_teacher_source(cfg, teacher, train_data, info.num_classes, self.bank, online)
+        self.strict_loading = True  # the teacher's weights are put back in on_load_checkpoint
         self.val_top1 = torchmetrics.MeanMetric()
         self.val_nll = torchmetrics.MeanMetric()
         self._test_outputs: list[dict[str, torch.Tensor]] = []
@@ -113,6 +124,45 @@ class CQKDModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
         checkpoint["cqkd"] = {"version": __version__, "config_digest": self.cfg.digest()}
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints hold the student and the method's modules, not the teacher (reloaded from its
+        run): its current weights go back in, so that loading is strict for everything else."""
+        if self.teacher is not None:
+            state = checkpoint["state_dict"]
+            for k, v in self.teacher.state_dict().items():
+                state.setdefault(f"teacher.{k}", v)
+
+    def _taps(self, method: Method | None) -> tuple[Taps | None, Taps | None]:
+        """Forward hooks on the student's and the teacher's stages a feature method asks for."""
+        if method is None or not method.needs.features or self.teacher is None:
+            return None, None
+        s_stages, t_stages = feature_stages(self.model), feature_stages(self.teacher)
+        if method.needs.features == "hint":
+            return Taps(self.model, [hint_stage(s_stages)]), Taps(self.teacher, [hint_stage(t_stages)])
+        if len(s_stages) != len(t_stages):
+            raise CqkdError(f"--method {method.name}: the student has {len(s_stages)} stages and the teacher "
+                            f"{len(t_stages)}; it pairs stages one to one")
+        return Taps(self.model, s_stages), Taps(self.teacher, t_stages)
+
+    def _build_method(self, method: Method | None) -> nn.ModuleDict:
+        """The method's modules, built from the shapes of the features it asked for (one dry run in eval mode)."""
+        if method is None:
+            return nn.ModuleDict()
+        s_shapes: list[torch.Size] = []
+        t_shapes: list[torch.Size] = []
+        if self.student_taps is not None:
+            size = self.teacher_info.input_size
+            x = torch.zeros(2, self.info.channels, size, size)
+            was = self.model.training
+            self.model.eval()
+            with torch.no_grad():
+                self.model(self.normalize(self.degrade(x, torch.Generator().manual_seed(0))))
+                self.teacher(self.teacher_normalize(x))
+            self.model.train(was)
+            s_shapes = [f.shape for f in self.student_taps.take()]
+            t_shapes = [f.shape for f in self.teacher_taps.take()]
+        return method.build(s_shapes, t_shapes)
+
     def student_forward(self, x_hr: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The student's logits on the degraded, normalised view of the full-resolution batch ``x_hr``."""
         return self.model(self.normalize(self.degrade(x_hr, generator)))
@@ -126,7 +176,7 @@ class CQKDModule(L.LightningModule):
         return z.clone()  # a normal tensor: inference tensors cannot be saved for the loss's backward
 
     def _teacher_fn(self) -> nn.Module:
-        if not self.cfg.teacher_compile:
+        if not self.cfg.teacher_compile or self.teacher_taps is not None:  # hooks need the eager teacher
             return self.teacher
         if self._compiled_teacher is None:
             self.__dict__["_compiled_teacher"] = torch.compile(self.teacher)  # kept out of the state dict
@@ -154,20 +204,27 @@ class CQKDModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y, idx, *which = batch  # image folders with a region bank add the region drawn for each image
         g = step_generator(self.cfg.seed, self.global_step, self.global_rank)
-        if self.source is not None:  # CQKD: a view from the image's bank and the teacher's logits on it
+        if self.source is not None:  # CQKD: a view from the image's bank and the teacher's outputs on it
             x_hr, z_t = self.source(x, idx, g, which[0] if which else None)
-        elif self.bank is not None:  # supervised: a view from the image's bank, drawn as above
+        elif self.bank is not None:  # supervised (or a teacher-free method): a view from the bank, drawn as above
             x_hr = to_float(apply_views(x, self.bank.params(idx, self.bank.draw(len(idx), g))))
             z_t = None
         else:  # the loader drew the views (image folders): identity here
             x_hr = to_float(apply_views(x, self.views.sample(len(y), g)))
-            z_t = self.teacher_forward(x_hr) if self.teacher is not None else None  # no train_data: benchmarks
+            z_t = self.teacher_forward(x_hr) if self.uses_teacher else None  # no train_data: benchmarks
         z_s = self.student_forward(x_hr, g)
-        if z_t is None:
+        method = self.step.method
+        if method is None:
             terms = supervised_loss(z_s, y, self.step.label_smoothing)
         else:
-            terms = distillation_loss(z_s, z_t, y, self.step.temperature, self.step.alpha, self.step.t_cal,
-                                      self.step.label_smoothing)
+            student = Outputs(z_s, self.student_taps.take() if self.student_taps else [])
+            teacher = None
+            if z_t is not None:  # the teacher's features are inference tensors: clone them for the loss
+                feats = [f.clone() for f in self.teacher_taps.take()] if self.teacher_taps else []
+                teacher = Outputs(z_t, feats, self.step.t_cal)
+            batches = self._trainer.num_training_batches if self._trainer is not None else float("inf")
+            epoch = self.current_epoch + batch_idx / max(1, batches)  # the fraction within the epoch too
+            terms = method.loss(student, teacher, y, Progress(epoch))
         if not torch.isfinite(terms["loss"]):
             raise FloatingPointError(f"the loss became {terms['loss'].item()} at step {self.global_step}")
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, on_step=False, on_epoch=True,
@@ -183,7 +240,7 @@ class CQKDModule(L.LightningModule):
         self.log("val/nll", self.val_nll, prog_bar=False, on_epoch=True)
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in [*self.model.parameters(), *self.distiller.parameters()] if p.requires_grad]
         if self.cfg.optimizer == "adamw":
             opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         else:
