@@ -153,3 +153,30 @@ def sweep_status_table(out: str, stale_after: float | None = None) -> None:
         console.print(table)
     for name, error in s["failed"].items():
         console.print(escape(f"failed: {name}: {error}"), soft_wrap=True)
+
+
+def shift_table(run: str, rows: list[dict[str, Any]], errors: dict[str, dict[str, float]] | None = None,
+                baseline: str | None = None) -> None:
+    """Print a run's shift evaluation: top-1 and ECE (raw / with T_cal) at severities 1, 3, 5, and CE against a baseline."""
+    by = {(r["corruption"], r["severity"]): r for r in rows}
+    names = [c for c in dict.fromkeys(r["corruption"] for r in rows)]
+    headers = ["corruption"] + [f"{m} s{s}" for m in ("top1", "ece", "ece_cal") for s in (1, 3, 5)]
+    if errors is not None:
+        headers += ["CE", "rel. CE"]
+    out = []
+    for c in names:
+        if c == "none":
+            clean = by[("none", 0)]
+            line: list[Any] = ["clean"] + [clean[m] if s == 1 else "" for m in ("top1", "ece", "ece_cal") for s in (1, 3, 5)]
+        else:
+            line = [c] + [by[(c, s)][m] if (c, s) in by else "-" for m in ("top1", "ece", "ece_cal") for s in (1, 3, 5)]
+        if errors is not None:
+            e = errors.get(c)
+            line += [e["ce"], e["relative_ce"]] if e else ["", ""]
+        out.append(line)
+    if errors is not None:
+        out.append(["mCE (mean)"] + [""] * 9 + [errors["mean"]["ce"], errors["mean"]["relative_ce"]])
+    title = f"shift evaluation of {run} (T_cal = {_fmt(rows[0]['t_cal'])})"
+    if baseline is not None:
+        title += f"; CE relative to {baseline}"
+    print_rows(title, headers, out)
