@@ -272,3 +272,49 @@ def test_model_card_says_what_the_student_was_trained_on(jpeg_student, tmp_path)
     assert card["degradation"] == "size=14,jpeg=20-40" and card["degradation_applied"] == "size=14"
     assert "JPEG" in card["trained_on"]
 
+
+
+# ------------------------------------------------------------------ the quality study and its report
+
+def test_findings_pair_each_jpeg_quality_with_its_own_supervised_baseline(tmp_path) -> None:
+    """Two JPEG qualities at one size: CQKD beats supervised by exactly 0.05 within each quality
+    (0.65 vs 0.60 at q10, 0.75 vs 0.70 at q25); pairing across qualities would give -0.05 or +0.15."""
+    from test_sweep import _row
+
+    from cqkd.analysis.findings import condition_of, distill_series, findings
+    from cqkd.analysis.report import size_table
+
+    rows = []
+    for seed in range(3):
+        for q, sup, kd in ((10, 0.60, 0.65), (25, 0.70, 0.75)):
+            spec = f"size=28,jpeg={q}"
+            rows.append(_row(tmp_path, "supervised", 28, seed, sup, 0.7, degradation=spec))
+            for t in (1.0, 4.0):
+                rows.append(_row(tmp_path, "distill", 28, seed, kd, 0.7, degradation=spec, temperature=t,
+                                 temperature_used=t))
+    series = distill_series(rows)
+    assert sorted(s.condition for s in series) == ["size=28,jpeg=10", "size=28,jpeg=25"]
+    f1 = [f for f in findings(rows) if f["finding"] == 1 and "best by val" in f["what"]]
+    assert len(f1) == 2 and all(f["estimate"] == pytest.approx(0.05) for f in f1), f1
+    sup_rows = [e for e in size_table(rows) if e["method"].startswith("supervised")]
+    assert [e["method"] for e in sup_rows] == ["supervised [size=28,jpeg=10]", "supervised [size=28,jpeg=25]"]
+    assert [e["top1"][0] for e in sup_rows] == [pytest.approx(0.60), pytest.approx(0.70)]
+    assert condition_of({"size": 7, "degradation": None}) == "size=7"
+
+
+def test_quality_config_plans_the_matched_design() -> None:
+    from cqkd.sweep.plan import load_sweep
+
+    root = Path(__file__).parent.parent / "configs"
+    plan = load_sweep(root / "fashion-mnist-quality.yaml", "runs/quality")
+    main = {r.name: r for r in load_sweep(root / "fashion-mnist-study.yaml", "runs/quality").runs}
+    specs = [(r.group, r.cfg.degradation_spec().spec()) for r in plan.runs]
+    assert len(plan.runs) == 86
+    for spec in ("size=28,jpeg=10", "size=28,jpeg=25", "size=14,jpeg=25"):
+        assert specs.count(("supervised", spec)) == 5 and specs.count(("distill", spec)) == 2 * 2 * 5
+    assert specs.count(("supervised", "size=7")) == 5 and specs.count(("distill", "size=7")) == 5
+    shared = [r for r in plan.runs if r.name in main]
+    assert len(shared) == 1 + 5 + 5  # the teacher, the 7 px supervised and CQKD T=1 students
+    assert all(r.cfg.digest() == main[r.name].cfg.digest() for r in shared)
+    assert {r.cfg.train_samples for r in plan.runs} == {20000} and {r.cfg.epochs for r in plan.runs} == {6}
+    assert {r.cfg.seed for r in plan.runs if r.group != "teachers"} == set(range(5))

@@ -16,6 +16,8 @@ import torch
 from cqkd.core.config import CONFIG_KEYS
 from cqkd.core.rundir import RunDir
 from cqkd.analysis import stats
+from cqkd.errors import CqkdError
+from cqkd.views.degrade import Degradation
 
 # config keys that never tell two settings apart (hardware, paths, loaders)
 _NOT_SETTING = {"data_dir", "accelerator", "devices", "strategy", "num_nodes", "precision", "num_workers",
@@ -70,11 +72,23 @@ class Series:
     size: int
     model: str
     rows: list[dict[str, Any]]
+    condition: str = ""  # the student's degradation (canonical spec): a JPEG quality is a condition
+
 
     @property
     def is_control(self) -> bool:
         """The alpha = 0 control series (the distillation path with no soft term)."""
         return any(not has_soft_term(r) for r in self.rows)
+
+
+def condition_of(row: dict[str, Any]) -> str:
+    """The canonical degradation spec of a run's student view (``size=7``, ``size=28,jpeg=10``)."""
+    try:
+        if row.get("degradation"):
+            return Degradation.parse(str(row["degradation"])).spec()
+        return Degradation(size=int(row["size"]), mode=str(row.get("resize_mode") or "bilinear")).spec()
+    except (CqkdError, TypeError, ValueError):
+        return str(row.get("degradation") or row.get("size"))
 
 
 def has_soft_term(row: dict[str, Any]) -> bool:
@@ -94,7 +108,7 @@ def distill_series(rows: list[dict[str, Any]]) -> list[Series]:
     series = []
     for key, rs in groups.items():
         label = ", ".join(f"{k}={_short(r_val)}" for k, r_val in zip(vary, key))
-        series.append(Series(key, label, int(rs[0]["size"]), rs[0]["model"], rs))
+        series.append(Series(key, label, int(rs[0]["size"]), rs[0]["model"], rs, condition_of(rs[0])))
     series.sort(key=lambda s: (-s.size, s.label))
     return series
 
@@ -127,11 +141,14 @@ def settings_table(s: Series) -> list[dict[str, Any]]:
     return out
 
 
-def supervised_for(rows: list[dict[str, Any]], size: int, model: str | None = None) -> list[dict[str, Any]]:
-    """The finished supervised runs at ``size``: those of ``model`` if any, else all of them."""
+def supervised_for(rows: list[dict[str, Any]], size: int, model: str | None = None,
+                   condition: str | None = None) -> list[dict[str, Any]]:
+    """The finished supervised runs at ``size``: those of ``model`` if any, else all of them; with
+    ``condition``, only those with that degradation if any (a JPEG quality is its own baseline)."""
     sup = [r for r in rows if r["role"] == "supervised" and r["state"] == "finished" and int(r["size"]) == size]
-    same_model = [r for r in sup if r.get("model") == model]
-    return same_model or sup
+    same_model = [r for r in sup if r.get("model") == model] or sup
+    same_condition = [r for r in same_model if condition_of(r) == condition] if condition is not None else []
+    return same_condition or same_model
 
 
 def _per_image(row: dict[str, Any]) -> stats.PerImage:
@@ -224,7 +241,7 @@ def findings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for s in distill_series(rows):
         if s.is_control:
             continue  # the alpha = 0 control: see control_rows
-        result += series_findings(s.label, s.rows, supervised_for(rows, s.size, s.model), each_t=True)
+        result += series_findings(s.label, s.rows, supervised_for(rows, s.size, s.model, s.condition), each_t=True)
     result.sort(key=lambda f: f["finding"])
     return result
 
@@ -234,7 +251,7 @@ def control_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for s in distill_series(rows):
         ctrl = [r for r in s.rows if not has_soft_term(r)]
-        sup = {int(r["seed"]): r for r in supervised_for(rows, s.size, s.model)}
+        sup = {int(r["seed"]): r for r in supervised_for(rows, s.size, s.model, s.condition)}
         pairs = [(r, sup[int(r["seed"])]) for r in ctrl if int(r["seed"]) in sup]
         if not pairs:
             continue

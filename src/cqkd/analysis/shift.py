@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from cqkd.core.io import atomic_write
+from cqkd.core.rundir import RunDir
 from cqkd.errors import CqkdError
 
 SHIFT_FILE = "shift.csv"
@@ -104,13 +105,12 @@ def shift_figure(entries: list[tuple[str, list[dict[str, Any]]]], path: str | os
     return out
 
 
-def _seed_of(path: str | os.PathLike) -> int:
-    from cqkd.core.rundir import RunDir
-
+def seed_of(path: str | os.PathLike) -> int:
+    """The seed in a run directory's config.yaml."""
     return int(RunDir(path).config().seed)
 
 
-def _interval(values: np.ndarray, seed: int = 0) -> tuple[float, float]:
+def interval(values: np.ndarray, seed: int = 0) -> tuple[float, float]:
     """95% percentile bootstrap interval of the mean (scipy), the value itself for one seed."""
     if len(values) < 2 or np.allclose(values, values[0]):
         return float(values.mean()), float(values.mean())
@@ -125,10 +125,11 @@ def compare_groups(groups: dict[str, list[str]], reference: str, metrics: tuple[
                    severities: tuple[int, ...] = (0, 1, 3, 5)) -> list[dict[str, Any]]:
     """Per corruption x severity x metric: each group's mean over its runs (seeds), and its
     difference to ``reference`` paired by seed (runs with the same seed), with a 95% bootstrap
-    interval over the seeds. ``groups`` maps a label to run directories holding shift.csv."""
+    interval over the seeds (a group of one run, e.g. the teacher, against every reference seed).
+    ``groups`` maps a label to run directories holding shift.csv."""
     if reference not in groups:
         raise CqkdError(f"reference group {reference!r} is not one of {', '.join(groups)}")
-    tables = {g: {_seed_of(p): read_shift(p) for p in paths} for g, paths in groups.items()}
+    tables = {g: {seed_of(p): read_shift(p) for p in paths} for g, paths in groups.items()}
     out = []
     for r0 in next(iter(tables[reference].values())):
         c, s = r0["corruption"], r0["severity"]
@@ -142,11 +143,15 @@ def compare_groups(groups: dict[str, list[str]], reference: str, metrics: tuple[
                 v = np.array([x for x in vals.values() if x is not None])
                 row[g] = float(v.mean()) if len(v) else None
                 if g != reference:
-                    paired = [vals[k] - ref[k] for k in vals if k in ref and vals[k] is not None
-                              and ref[k] is not None]
+                    if len(vals) == 1:  # one run (a teacher): against every seed of the reference
+                        only = next(iter(vals.values()))
+                        paired = [only - x for x in ref.values() if only is not None and x is not None]
+                    else:
+                        paired = [vals[k] - ref[k] for k in vals if k in ref and vals[k] is not None
+                                  and ref[k] is not None]
                     d = np.array(paired)
                     row[f"{g}-{reference}"] = float(d.mean()) if len(d) else None
-                    row[f"{g}-{reference} CI"] = _interval(d) if len(d) else None
+                    row[f"{g}-{reference} CI"] = interval(d) if len(d) else None
                     row[f"{g} seeds"] = len(d)
             out.append(row)
     return out
