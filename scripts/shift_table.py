@@ -6,10 +6,10 @@ reference group paired by seed with a 95% percentile bootstrap interval over the
 then each group's mCE and relative mCE against the reference run of the same seed (ImageNet-C's
 definition, docs/quality.md), mean and interval over seeds.
 
-  python scripts/shift_table.py --reference supervised \\
-      --group teacher=runs/quality/teachers/large \\
-      --group supervised='runs/quality/supervised/model=cnn-small,size=7,seed=*' \\
-      --group cqkd='runs/quality/distill/teacher=large,model=cnn-small,size=7,T=1,tcal=none,alpha=0.5,seed=*' \\
+  PYTHONPATH=src python scripts/shift_table.py --reference supervised \\
+      --group teacher runs/quality/teachers/large \\
+      --group supervised 'runs/quality/supervised/model=cnn-small,size=7,seed=*' \\
+      --group cqkd 'runs/quality/distill/teacher=large,model=cnn-small,size=7,T=1,tcal=none,alpha=0.5,seed=*' \\
       [--out docs/results/quality-shift.md]
 
 A group of one run (the teacher) is compared with every seed of the reference.
@@ -29,14 +29,14 @@ from cqkd.core.text import markdown_table
 from cqkd.errors import CqkdError
 
 
-def _groups(specs: list[str]) -> dict[str, list[str]]:
+def _groups(specs: list[list[str]]) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}
     for spec in specs:
-        name, sep, pattern = spec.partition("=")
-        if not sep or not name:
-            raise CqkdError(f"--group {spec!r}: expected NAME=RUN[,RUN...] (globs allowed)")
-        paths = sorted(p for part in pattern.split(",") for p in (glob.glob(part) or [part]))
-        groups[name] = paths
+        if len(spec) < 2:
+            raise CqkdError(f"--group {' '.join(spec)!r}: expected NAME RUN [RUN...] (globs allowed)")
+        name, patterns = spec[0], spec[1:]
+        groups[name] = sorted(p for part in patterns for p in (glob.glob(glob.escape(part).replace("[*]", "*"))
+                                                               or [part]))
     return groups
 
 
@@ -61,7 +61,8 @@ def mce_rows(groups: dict[str, list[str]], reference: str) -> list[list[str]]:
 def main(argv: list[str] | None = None) -> int:
     """Print (or write) the comparison tables."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--group", action="append", required=True, metavar="NAME=RUN[,RUN...]")
+    p.add_argument("--group", action="append", nargs="+", required=True, metavar="NAME RUN",
+                   help="a group: its name, then run directories (a * in a name matches anything)")
     p.add_argument("--reference", required=True, metavar="NAME")
     p.add_argument("--out", default=None, metavar="FILE.md")
     args = p.parse_args(argv)

@@ -74,6 +74,8 @@ def test_jpeg_spec_parses_chains_and_stays_canonical() -> None:
     x = torch.rand(3, 1, 28, 28)
     assert d(x).shape == (3, 1, 14, 14)
     assert Degradation.parse("size=14,jpeg=25,upsample=true")(x).shape == (3, 1, 28, 28)
+    with pytest.raises(CqkdError, match="1 or 3 channels"):
+        jpeg(torch.rand(1, 2, 8, 8), 50)
 
 
 def test_jpeg_comes_after_noise_and_leaves_the_noise_draws_unchanged(images) -> None:

@@ -179,18 +179,30 @@ def _effect_row(finding: int, series: str, what: str, a: list[dict[str, Any]], b
 
 
 def _relation_rows(series: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Finding 2 clause by clause over a T series (uncalibrated teacher, fixed T)."""
+    """Finding 2 clause by clause over a T series (uncalibrated teacher, fixed T): trends over three or
+    more temperatures, paired effects (higher T − lower T) over two; correlations in both cases."""
     pts = [(float(r["temperature_used"]), int(r["seed"]), _f(r, "entropy"), _f(r, "ece"), _f(r, "top1"))
            for r in rows]
-    if len({p[0] for p in pts}) < 3:
+    levels = sorted({p[0] for p in pts})
+    if len(levels) < 2:
         return []
     t, seed, ent, ece, top1 = (np.array(c, dtype=float) for c in zip(*pts))
     out = []
+    if len(levels) == 2:  # two temperatures (the quality study): each T clause as a paired effect, high - low T
+        hi = [r for r in rows if float(r["temperature_used"]) == levels[1]]
+        lo = [r for r in rows if float(r["temperature_used"]) == levels[0]]
+        for metric, name, sign in (("entropy", "entropy", +1), ("ece", "ECE", -1), ("top1", "top-1", +1)):
+            row = _effect_row(2, series, f"{name} at T={levels[1]:g} − T={levels[0]:g} (tcal=none)", hi, lo, metric, sign)
+            out += [row] if row else []
     for what, y, sign in (("ρ(T, entropy)", ent, +1), ("ρ(T, ECE)", ece, -1), ("ρ(T, top-1)", top1, +1)):
+        if len(levels) < 3:
+            break
         tr = stats.trend(t, y, sign, groups=seed)
         out.append(dict(finding=2, series=series, what=what, kind="trend", estimate=tr.rho, ci=None, p=tr.p,
                         n=tr.n, mde=None, verdict=tr.verdict, shape=tr.shape, text=stats.format_trend(tr)))
     for what, x, y, sign in (("r(entropy, ECE)", ent, ece, -1), ("r(entropy, top-1)", ent, top1, +1)):
+        if len(pts) < 3:
+            break  # a correlation needs three runs
         c = stats.correlation(x, y, sign)
         out.append(dict(finding=2, series=series, what=what, kind="correlation", estimate=c.r, ci=None, p=c.p,
                         n=c.n, mde=None, verdict=c.verdict, text=stats.format_correlation(c)))

@@ -4,6 +4,7 @@ the comparison of groups of runs (teacher, supervised, CQKD) with intervals over
 from __future__ import annotations
 
 import csv
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,8 @@ def corruption_errors(rows: list[dict[str, Any]], baseline: list[dict[str, Any]]
 
     CE_c = sum_s E_{s,c} / sum_s E^base_{s,c}, and relative CE_c = sum_s (E_{s,c} - E_clean) /
     sum_s (E^base_{s,c} - E^base_clean), over the severities s both runs have; E = 1 - top-1.
-    Returns ``{c: {"ce", "relative_ce"}}`` plus ``"mean"`` (mCE, relative mCE: the means over c)."""
+    Returns ``{c: {"ce", "relative_ce"}}`` plus ``"mean"`` (mCE, relative mCE: the means over the c where
+    they are defined; NaN where the baseline's error does not grow over clean)."""
     mine, base = _errors(rows), _errors(baseline)
     out: dict[str, dict[str, float]] = {}
     clean, base_clean = mine.get("none", {}).get(0), base.get("none", {}).get(0)
@@ -69,7 +71,11 @@ def corruption_errors(rows: list[dict[str, Any]], baseline: list[dict[str, Any]]
         out[c] = {"ce": ce, "relative_ce": rel}
     if not out:
         raise CqkdError("no corruption in common with the baseline's shift.csv: cannot compute mCE")
-    out["mean"] = {k: float(np.mean([v[k] for v in out.values()])) for k in ("ce", "relative_ce")}
+    means = {}
+    for k in ("ce", "relative_ce"):  # over the corruptions where it is defined (a baseline no worse than clean: NaN)
+        vals = [v[k] for v in out.values() if not math.isnan(v[k])]
+        means[k] = float(np.mean(vals)) if vals else float("nan")
+    out["mean"] = means
     return out
 
 

@@ -171,19 +171,22 @@ def jpeg(x: torch.Tensor, qualities: int | list[int]) -> torch.Tensor:
     TorchCodec: docs/quality.md)."""
     from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg  # heavy: only where JPEG is used
 
-    n = len(x)
+    n, channels = len(x), x.shape[1]
+    if channels not in (1, 3):
+        raise CqkdError(f"degradation jpeg needs images with 1 or 3 channels, got {channels}")
     per_image = [qualities] * n if isinstance(qualities, int) else list(qualities)
     images = x.clamp(0, 1).mul(255).round_().to(torch.uint8)
-    on_cuda = images.is_cuda
-    if not on_cuda:
-        images = images.cpu()
+    device = images.device if images.is_cuda else torch.device("cpu")
+    images = images.to(device)
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     out: list[torch.Tensor | None] = [None] * n
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its image codecs in favour of TorchCodec
         warnings.simplefilter("ignore", DeprecationWarning)
         for q in sorted(set(per_image)):
             rows = [i for i, qi in enumerate(per_image) if qi == q]
             encoded = encode_jpeg([images[i].contiguous() for i in rows], quality=q)
-            decoded = decode_jpeg(encoded, mode=ImageReadMode.UNCHANGED, device=images.device if on_cuda else "cpu")
+            # decode_jpeg reads the bytes from the CPU, and decodes on ``device`` (nvJPEG on CUDA)
+            decoded = decode_jpeg([e.cpu() for e in encoded], mode=mode, device=device)
             for i, d in zip(rows, decoded):
                 out[i] = d
     return torch.stack(out).to(x.device, torch.float32).div_(255).to(x.dtype)  # type: ignore[arg-type]
