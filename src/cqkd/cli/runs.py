@@ -172,7 +172,7 @@ def _evaluate_shift(args: argparse.Namespace) -> int:
     return 0
 
 
-_DEFAULT_GRID = "default"
+_DEFAULT_GRID = "<the default grid>"  # argparse const of a bare --shift (not a file name)
 
 
 def _check_range(option: str, value: int, low: int, high: int, note: str = "") -> None:
