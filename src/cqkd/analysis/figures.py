@@ -64,7 +64,7 @@ def temperature_figure(rows: list[dict[str, Any]], series: list[Series], sizes: 
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (s, table) in enumerate(zip(series, tables)):
         c = colors[i % len(colors)]
-        sup = supervised_for(rows, s.size, s.model)
+        sup = supervised_for(rows, s.size, s.model, s.condition)
         for ax, (key, label) in zip(axes, _METRICS):
             xs, ms, ss = _fixed_points(table, "none", key)
             if not xs:

@@ -16,6 +16,8 @@ import torch
 from cqkd.analysis import stats
 from cqkd.core.config import CONFIG_KEYS
 from cqkd.core.rundir import RunDir
+from cqkd.errors import CqkdError
+from cqkd.views.degrade import Degradation
 
 # config keys that never tell two settings apart (hardware, paths, loaders)
 _NOT_SETTING = {"data_dir", "accelerator", "devices", "strategy", "num_nodes", "precision", "num_workers",
@@ -70,11 +72,23 @@ class Series:
     size: int
     model: str
     rows: list[dict[str, Any]]
+    condition: str = ""  # the student's degradation (canonical spec): a JPEG quality is a condition
+
 
     @property
     def is_control(self) -> bool:
         """The alpha = 0 control series (the distillation path with no soft term)."""
         return any(not has_soft_term(r) for r in self.rows)
+
+
+def condition_of(row: dict[str, Any]) -> str:
+    """The canonical degradation spec of a run's student view (``size=7``, ``size=28,jpeg=10``)."""
+    try:
+        if row.get("degradation"):
+            return Degradation.parse(str(row["degradation"])).spec()
+        return Degradation(size=int(row["size"]), mode=str(row.get("resize_mode") or "bilinear")).spec()
+    except (CqkdError, TypeError, ValueError):
+        return str(row.get("degradation") or row.get("size"))
 
 
 def has_soft_term(row: dict[str, Any]) -> bool:
@@ -94,7 +108,7 @@ def distill_series(rows: list[dict[str, Any]]) -> list[Series]:
     series = []
     for key, rs in groups.items():
         label = ", ".join(f"{k}={_short(r_val)}" for k, r_val in zip(vary, key))
-        series.append(Series(key, label, int(rs[0]["size"]), rs[0]["model"], rs))
+        series.append(Series(key, label, int(rs[0]["size"]), rs[0]["model"], rs, condition_of(rs[0])))
     series.sort(key=lambda s: (-s.size, s.label))
     return series
 
@@ -127,11 +141,14 @@ def settings_table(s: Series) -> list[dict[str, Any]]:
     return out
 
 
-def supervised_for(rows: list[dict[str, Any]], size: int, model: str | None = None) -> list[dict[str, Any]]:
-    """The finished supervised runs at ``size``: those of ``model`` if any, else all of them."""
+def supervised_for(rows: list[dict[str, Any]], size: int, model: str | None = None,
+                   condition: str | None = None) -> list[dict[str, Any]]:
+    """The finished supervised runs at ``size``: those of ``model`` if any, else all of them; with
+    ``condition``, only those with that degradation if any (a JPEG quality is its own baseline)."""
     sup = [r for r in rows if r["role"] == "supervised" and r["state"] == "finished" and int(r["size"]) == size]
-    same_model = [r for r in sup if r.get("model") == model]
-    return same_model or sup
+    same_model = [r for r in sup if r.get("model") == model] or sup
+    same_condition = [r for r in same_model if condition_of(r) == condition] if condition is not None else []
+    return same_condition or same_model
 
 
 def _per_image(row: dict[str, Any]) -> stats.PerImage:
@@ -164,18 +181,30 @@ def _effect_row(finding: int, series: str, what: str, a: list[dict[str, Any]], b
 
 
 def _relation_rows(series: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Finding 2 clause by clause over a T series (uncalibrated teacher, fixed T)."""
+    """Finding 2 clause by clause over a T series (uncalibrated teacher, fixed T): trends over three or
+    more temperatures, paired effects (higher T − lower T) over two; correlations in both cases."""
     pts = [(float(r["temperature_used"]), int(r["seed"]), _f(r, "entropy"), _f(r, "ece"), _f(r, "top1"))
            for r in rows]
-    if len({p[0] for p in pts}) < 3:
+    levels = sorted({p[0] for p in pts})
+    if len(levels) < 2:
         return []
     t, seed, ent, ece, top1 = (np.array(c, dtype=float) for c in zip(*pts))
     out = []
+    if len(levels) == 2:  # two temperatures (the quality study): each T clause as a paired effect, high - low T
+        hi = [r for r in rows if float(r["temperature_used"]) == levels[1]]
+        lo = [r for r in rows if float(r["temperature_used"]) == levels[0]]
+        for metric, name, sign in (("entropy", "entropy", +1), ("ece", "ECE", -1), ("top1", "top-1", +1)):
+            row = _effect_row(2, series, f"{name} at T={levels[1]:g} − T={levels[0]:g} (tcal=none)", hi, lo, metric, sign)
+            out += [row] if row else []
     for what, y, sign in (("ρ(T, entropy)", ent, +1), ("ρ(T, ECE)", ece, -1), ("ρ(T, top-1)", top1, +1)):
+        if len(levels) < 3:
+            break
         tr = stats.trend(t, y, sign, groups=seed)
         out.append(dict(finding=2, series=series, what=what, kind="trend", estimate=tr.rho, ci=None, p=tr.p,
                         n=tr.n, mde=None, verdict=tr.verdict, shape=tr.shape, text=stats.format_trend(tr)))
     for what, x, y, sign in (("r(entropy, ECE)", ent, ece, -1), ("r(entropy, top-1)", ent, top1, +1)):
+        if len(pts) < 3:
+            break  # a correlation needs three runs
         c = stats.correlation(x, y, sign)
         out.append(dict(finding=2, series=series, what=what, kind="correlation", estimate=c.r, ci=None, p=c.p,
                         n=c.n, mde=None, verdict=c.verdict, text=stats.format_correlation(c)))
@@ -226,7 +255,7 @@ def findings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for s in distill_series(rows):
         if s.is_control:
             continue  # the alpha = 0 control: see control_rows
-        result += series_findings(s.label, s.rows, supervised_for(rows, s.size, s.model), each_t=True)
+        result += series_findings(s.label, s.rows, supervised_for(rows, s.size, s.model, s.condition), each_t=True)
     result.sort(key=lambda f: f["finding"])
     return result
 
@@ -236,7 +265,7 @@ def control_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for s in distill_series(rows):
         ctrl = [r for r in s.rows if not has_soft_term(r)]
-        sup = {int(r["seed"]): r for r in supervised_for(rows, s.size, s.model)}
+        sup = {int(r["seed"]): r for r in supervised_for(rows, s.size, s.model, s.condition)}
         pairs = [(r, sup[int(r["seed"])]) for r in ctrl if int(r["seed"]) in sup]
         if not pairs:
             continue

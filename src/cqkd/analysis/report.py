@@ -16,6 +16,7 @@ from cqkd.analysis.findings import (
     _f,
     calibration_pairs,
     control_rows,
+    condition_of,
     distill_series,
     findings,
     mean_std,
@@ -174,10 +175,11 @@ def size_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     series = distill_series(rows)
     for size in sizes:
         sup = supervised_for(rows, size)
-        models = sorted({r["model"] for r in sup})
-        for model in models:
-            rs = [r for r in sup if r["model"] == model]
-            out.append(dict(size=size, method="supervised", model=model, setting="", n=len(rs),
+        several = len({condition_of(r) for r in sup}) > 1  # e.g. JPEG qualities at one size: one row each
+        for model, cond in sorted({(r["model"], condition_of(r)) for r in sup}):
+            rs = [r for r in sup if r["model"] == model and condition_of(r) == cond]
+            out.append(dict(size=size, method="supervised" + (f" [{cond}]" if several else ""), model=model,
+                            setting="", n=len(rs),
                             val=mean_std([_f(r, "best_val_top1") for r in rs]), top1=mean_std([_f(r, "top1") for r in rs]),
                             ece=mean_std([_f(r, "ece") for r in rs]), entropy=mean_std([_f(r, "entropy") for r in rs]),
                             flops=_f(rs[0], "flops")))
@@ -277,7 +279,7 @@ def write_report(directory: str | os.PathLike) -> dict[str, Any]:
     lines += ["## Distillation settings", ""]
     for s in series:
         lines += [f"### {s.label}", ""]
-        sup = supervised_for(rows, s.size, s.model)
+        sup = supervised_for(rows, s.size, s.model, s.condition)
         if sup:
             lines.append(f"Supervised baseline: top-1 {_pm(mean_std([_f(r, 'top1') for r in sup]))}, "
                          f"ECE {_pm(mean_std([_f(r, 'ece') for r in sup]))}, "

@@ -115,26 +115,64 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """``cqkd evaluate``: re-evaluate a run on the test split, with optional bootstrap intervals."""
+    """``cqkd evaluate``: re-evaluate runs on the test split, with optional bootstrap intervals or under shift."""
     from cqkd.train.fit import evaluate_run
 
     _check_range("--bootstrap", args.bootstrap, 0, 1_000_000, "0 = no intervals")
     _check_range("--bootstrap-seed", args.bootstrap_seed, 0, 2**32 - 1)
     if args.ece_bins is not None:
         _check_range("--ece-bins", args.ece_bins, 1, 100_000)
+    if args.shift is not None or args.baseline is not None:
+        return _evaluate_shift(args)
     overrides = {} if args.ece_bins is None else {"ece_bins": args.ece_bins}
-    outputs: dict[str, Any] = {}
-    metrics = evaluate_run(args.run, progress=not args.quiet, outputs=outputs, quiet=True, **overrides)
-    _print_metrics(f"evaluation of {args.run} (test split)", metrics)
-    if args.bootstrap:
-        from cqkd.calibration.bootstrap import bootstrap_intervals
-        from cqkd.cli.tables import intervals_table
+    for run in args.run:
+        outputs: dict[str, Any] = {}
+        metrics = evaluate_run(run, progress=not args.quiet, outputs=outputs, quiet=True, **overrides)
+        _print_metrics(f"evaluation of {run} (test split)", metrics)
+        if args.bootstrap:
+            from cqkd.calibration.bootstrap import bootstrap_intervals
+            from cqkd.cli.tables import intervals_table
 
-        intervals = bootstrap_intervals(outputs["logits"], outputs["labels"], n=args.bootstrap,
-                                        seed=args.bootstrap_seed, ece_bins=metrics["ece_bins"])
-        intervals_table(f"95% percentile bootstrap intervals ({args.bootstrap} resamples of the "
-                        f"{metrics['n']} test samples, seed {args.bootstrap_seed})", intervals)
+            intervals = bootstrap_intervals(outputs["logits"], outputs["labels"], n=args.bootstrap,
+                                            seed=args.bootstrap_seed, ece_bins=metrics["ece_bins"])
+            intervals_table(f"95% percentile bootstrap intervals ({args.bootstrap} resamples of the "
+                            f"{metrics['n']} test samples, seed {args.bootstrap_seed})", intervals)
     return 0
+
+
+def _evaluate_shift(args: argparse.Namespace) -> int:
+    """``cqkd evaluate RUN... --shift [FILE] [--baseline RUN]``: write each RUN/shift.csv, print the tables."""
+    from cqkd.analysis.shift import corruption_errors, read_shift
+    from cqkd.cli.tables import shift_table
+    from cqkd.core.io import read_yaml
+    from cqkd.core.rundir import RunDir
+    from cqkd.train.shift import write_shift
+    from cqkd.views.corrupt import parse_grid
+
+    if args.shift is None:
+        raise CqkdError("--baseline needs --shift (the mCE is computed from the shift evaluation)")
+    if args.bootstrap or args.ece_bins is not None:
+        raise CqkdError("--shift does not take --bootstrap or --ece-bins (the run's own ECE bins are used)")
+    grid = None
+    if args.shift != _DEFAULT_GRID:
+        where = f"--shift {args.shift!r}"
+        grid = parse_grid(read_yaml(args.shift, name=where, what="a mapping of corruptions to severities"), where)
+    for run in [*args.run, *([args.baseline] if args.baseline else [])]:
+        if not RunDir(run).is_finished:
+            raise CqkdError(f"run {run!r} is not a finished cqkd run")
+    written = {}
+    for run in dict.fromkeys([*args.run, *([args.baseline] if args.baseline else [])]):
+        out, rows = write_shift(run, grid)
+        written[run] = rows
+        print(f"written: {out}")
+    base = read_shift(args.baseline) if args.baseline else None
+    for run in args.run:
+        errors = corruption_errors(written[run], base) if base is not None else None
+        shift_table(run, written[run], errors, args.baseline)
+    return 0
+
+
+_DEFAULT_GRID = "<the default grid>"  # argparse const of a bare --shift (not a file name)
 
 
 def _check_range(option: str, value: int, low: int, high: int, note: str = "") -> None:
@@ -180,6 +218,26 @@ def cmd_plot_reliability(args: argparse.Namespace) -> int:
             raise CqkdError(f"{run.logits_file} holds no test logits and labels")
         entries.append((name, saved["logits"], saved["labels"]))
     out = reliability_diagram(entries, args.out, n_bins=args.ece_bins)
+    print(f"written: {out}")
+    return 0
+
+
+def cmd_plot_shift(args: argparse.Namespace) -> int:
+    """``cqkd plot shift``: top-1 and ECE against severity from the runs' shift.csv files, overlaid (.png)."""
+    from pathlib import Path
+
+    from cqkd.analysis.shift import read_shift, shift_figure
+    from cqkd.core.io import check_output_file
+
+    if args.labels is not None and len(args.labels) != len(args.runs):
+        raise CqkdError(f"--labels has {len(args.labels)} names for {len(args.runs)} runs")
+    if Path(args.out).suffix.lower() != ".png":
+        raise CqkdError(f"--out {args.out!r} must be a .png file")
+    check_output_file(args.out, "--out")
+    names = args.labels or [Path(r).name or r for r in args.runs]
+    if args.labels is None and len(set(names)) < len(names):
+        names = list(args.runs)
+    out = shift_figure([(n, read_shift(r)) for n, r in zip(names, args.runs)], args.out)
     print(f"written: {out}")
     return 0
 
@@ -239,7 +297,13 @@ def add_run_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> N
             "crop. Loss = (1-α)·CE + α·T²·KL(softmax(z_t/(T_cal·T)) ‖ softmax(z_s/T)).")
     _add_run_options(p, distill=True)
     p = add("evaluate", cmd_evaluate, "recompute and print a run's test metrics from its saved weights")
-    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("run", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--shift", nargs="?", const=_DEFAULT_GRID, default=None, metavar="FILE",
+                   help="evaluate under shift and write RUN_DIR/shift.csv: each test image corrupted at full resolution "
+                        "(default grid: jpeg, gaussian_noise, gaussian_blur, pixelate, contrast at severities 1-5; "
+                        "FILE: a YAML mapping of corruptions to lists of severities), then the run's degradation")
+    p.add_argument("--baseline", default=None, metavar="RUN_DIR",
+                   help="with --shift: also the corruption errors and mCE relative to this run (ImageNet-C)")
     p.add_argument("--bootstrap", type=int, default=0, metavar="N", help="also print 95%% percentile bootstrap intervals for top1, nll and ece from N resamples")
     p.add_argument("--bootstrap-seed", type=int, default=0, metavar="SEED", help="seed of the bootstrap resampling (default: 0)")
     p.add_argument("--ece-bins", type=int, default=None, help="equal-width bins for ECE (default: the run's)")
@@ -264,6 +328,13 @@ def add_run_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> N
     q.add_argument("--out", required=True, metavar="FILE.png", help="the PNG file to write")
     q.add_argument("--labels", nargs="+", default=None, metavar="NAME", help="legend names, one per run (default: the directory names)")
     q.add_argument("--ece-bins", type=int, default=15, help="equal-width bins (default: 15)")
+    q = plots.add_parser("shift", help="top-1 and ECE against corruption severity of one or more runs",
+                         description="One column per corruption (severity 0 = clean), top-1 above and ECE below, "
+                                     "the runs overlaid; from each run's shift.csv (`cqkd evaluate RUN --shift`).")
+    q.set_defaults(plot_func=cmd_plot_shift)
+    q.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    q.add_argument("--out", required=True, metavar="FILE.png", help="the PNG file to write")
+    q.add_argument("--labels", nargs="+", default=None, metavar="NAME", help="legend names, one per run (default: the directory names)")
     p = add("models", cmd_models, "list the registered models with parameters and FLOPs")
     p.add_argument("--size", type=int, default=28, help="input size for the FLOPs column")
     p.add_argument("--channels", type=int, default=1, help="input channels")

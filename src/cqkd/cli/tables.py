@@ -171,3 +171,31 @@ def methods_table() -> None:
         rows.append((name, opts, cls.needs.describe(own), cls.paper))
     print_rows("cqkd methods (--method NAME[,key=value...])", ("method", "options (default, range)", "needs", "paper"),
                rows)
+
+
+def shift_table(run: str, rows: list[dict[str, Any]], errors: dict[str, dict[str, float]] | None = None,
+                baseline: str | None = None) -> None:
+    """Print a run's shift evaluation: top-1, ECE and ECE with T_cal at severities 1/3/5, and CE against a baseline."""
+    by = {(r["corruption"], r["severity"]): r for r in rows}
+
+    def at(c: str, m: str) -> str:
+        if c == "none":
+            return f"{by[('none', 0)][m]:.3f}"
+        return " ".join(f"{by[(c, s)][m]:.3f}" if (c, s) in by else "-" for s in (1, 3, 5))
+
+    headers = ["corruption", "top-1 s1 s3 s5", "ECE s1 s3 s5", "ECE/T_cal s1 s3 s5"]
+    if errors is not None:
+        headers += ["CE", "rel. CE"]
+    out = []
+    for c in dict.fromkeys(r["corruption"] for r in rows):
+        line: list[Any] = ["clean" if c == "none" else c, at(c, "top1"), at(c, "ece"), at(c, "ece_cal")]
+        if errors is not None:
+            e = errors.get(c)
+            line += [f"{e['ce']:.3f}", f"{e['relative_ce']:.3f}"] if e else ["", ""]
+        out.append(line)
+    if errors is not None:
+        out.append(["mCE", "", "", "", f"{errors['mean']['ce']:.3f}", f"{errors['mean']['relative_ce']:.3f}"])
+    title = f"shift evaluation of {run} (T_cal = {_fmt(rows[0]['t_cal'])})"
+    if baseline is not None:
+        title += f"; CE relative to {baseline}"
+    print_rows(title, headers, out)

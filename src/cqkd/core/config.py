@@ -55,7 +55,8 @@ class RunConfig:
     size: int = option(28, "the student's input side length in px: images are resized to SxS", D, metavar="S")
     resize_mode: str = option("bilinear", "resize interpolation", D, choices=RESIZE_MODES)
     degradation: str | None = option(None, "full degradation spec, e.g. 'size=7,mode=bicubic,blur=0.5,noise=0.02,"
-                                           "upsample=true' (overrides --size and --resize-mode)", D, metavar="SPEC")
+                                           "jpeg=25,upsample=true'; jpeg=LO-HI draws a quality per image "
+                                           "(overrides --size and --resize-mode)", D, metavar="SPEC")
     augment: str = option("flip,translate=2", "training views: 'flip,translate=N' or 'none'", D, metavar="SPEC")
     crop_size: int = option(224, "imagefolder: side of the random-resized (train) and center (eval) crop = the "
                                  "teacher's input", D, metavar="S")

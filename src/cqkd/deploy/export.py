@@ -21,6 +21,7 @@ from cqkd.data.folder import eval_resize
 from cqkd.data.registry import make_loader
 from cqkd.deploy.predictor import Predictor, open_run
 from cqkd.errors import CqkdError, RunFailed, unknown_name
+from cqkd.views.degrade import Degradation
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -203,6 +204,10 @@ def export_run(run: str | os.PathLike, fmt: str, out: str | os.PathLike | None =
         if f.exists() and not force:
             raise CqkdError(f"{str(f)!r} exists; pass --force to overwrite it")
     predictor, cfg, splits = open_run(run)
+    trained = cfg.degradation_spec()
+    if with_preprocessing and trained.random:
+        raise CqkdError(f"--with-preprocessing: the run's degradation {trained.spec()!r} is random (noise or a JPEG "
+                        "quality range); export without --with-preprocessing and degrade the inputs yourself")
     predictor = predictor.cpu()
     c, s = predictor.channels, predictor.image_size
     if with_preprocessing:
@@ -231,6 +236,21 @@ def export_run(run: str | os.PathLike, fmt: str, out: str | os.PathLike | None =
     finally:
         tmp.unlink(missing_ok=True)
     return Exported(out, card_file, card)
+
+
+def trained_on(spec: str) -> str:
+    """One sentence on the views the model was trained on, for the model card."""
+    d = Degradation.parse(spec)
+    parts = [f"images resized to {d.size}x{d.size} px ({d.mode}{', antialiased' if d.antialias else ''})"]
+    if d.blur:
+        parts.append(f"Gaussian blur sigma {d.blur:g} px")
+    if d.noise:
+        parts.append(f"Gaussian noise std {d.noise:g} (not applied here)")
+    q = d.jpeg_range
+    if q is not None:
+        quality = f"quality {q[0]}" if q[0] == q[1] else f"a quality drawn per image from {q[0]}-{q[1]}"
+        parts.append(f"JPEG-compressed at {quality} (not applied here: feed already compressed images as they are)")
+    return "trained on " + ", then ".join(parts)
 
 
 def model_card(predictor: Predictor, fmt: str, out: Path, file: Path, with_preprocessing: bool,
@@ -262,6 +282,7 @@ def model_card(predictor: Predictor, fmt: str, out: Path, file: Path, with_prepr
         "image_size": s, "input_size": predictor.input_size, "channels": c,
         "mean": list(predictor.mean), "std": list(predictor.std), "classes": list(predictor.classes),
         "degradation": meta.get("degradation"), "degradation_applied": predictor.degradation.spec(),
+        "trained_on": trained_on(str(meta.get("degradation"))),
         "eval_view": view, "t_cal": predictor.t_cal,
         "parity": asdict(parity),
         "torch_version": torch.__version__,

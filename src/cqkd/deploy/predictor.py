@@ -48,11 +48,18 @@ class Predictions:
                 for row_i, row_p in zip(index.tolist(), values.tolist())]
 
 
+def deploy_degradation(degradation: Degradation) -> Degradation:
+    """The degradation applied at deployment: the training one without noise and without JPEG
+    (images met in deployment already carry their compression; compressing again would double it)."""
+    return dataclasses.replace(degradation, noise=0.0, jpeg="")
+
+
 class Predictor(nn.Module):
     """Full-resolution images (N, C, S, S), uint8 or float in [0, 1], to the run's logits.
 
     ``forward`` is the run's evaluation path, ``model(normalize(degrade(x)))`` (as
-    ``CQKDModule.student_forward``), with the degradation's noise left out (it is random).
+    ``CQKDModule.student_forward``), with the degradation's noise left out (it is random) and
+    its JPEG left out (deployed images are already compressed: ``deploy_degradation``).
     ``predict`` also reads files, PIL images and tensors of any size and channel count.
     """
 
@@ -61,7 +68,7 @@ class Predictor(nn.Module):
                  t_cal: float | None = None, meta: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.model = model.eval()
-        self.degradation = dataclasses.replace(degradation, noise=0.0)
+        self.degradation = deploy_degradation(degradation)
         self.normalize = Normalize(tuple(mean), tuple(std))
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.classes = tuple(classes)

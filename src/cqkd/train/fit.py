@@ -26,11 +26,22 @@ from cqkd.errors import CqkdError, RunFailed, RunInterrupted
 from cqkd.nets.registry import count_flops, count_params
 from cqkd.nets.teacher import Teacher, load_teacher, load_weights
 from cqkd.train.calibrate import run_t_cal
-from cqkd.train.checkpoints import check_teacher, check_weights, checkpoint_step, resume_checkpoint
+from cqkd.train.checkpoints import (
+    check_teacher,
+    check_weights,
+    checkpoint_step,
+    resume_checkpoint,
+)
 from cqkd.train.guard import RunGuard, SigtermOutsideFit, shuffle_generator
 from cqkd.train.module import CQKDModule
 from cqkd.train.predict import run_on_split
-from cqkd.train.setup import build_student, check_hardware, is_rank_zero, load_splits, make_trainer
+from cqkd.train.setup import (
+    build_student,
+    check_hardware,
+    is_rank_zero,
+    load_splits,
+    make_trainer,
+)
 
 
 def prepare(cfg: RunConfig, trained_t_cal: float | None = None) -> tuple[Splits, nn.Module, Teacher | None]:

@@ -13,9 +13,9 @@ import torchmetrics
 from torch import nn
 
 from cqkd import __version__
+from cqkd.core import faults
 from cqkd.core.config import RunConfig
 from cqkd.core.io import load_tensors, save_tensors
-from cqkd.core import faults
 from cqkd.data.registry import DatasetInfo, ImageData
 from cqkd.distill.loss import supervised_loss
 from cqkd.distill.methods import Method, Outputs, Progress, Settings, make_method
@@ -24,7 +24,14 @@ from cqkd.errors import CqkdError
 from cqkd.nets.features import Taps, feature_stages, hint_stage
 from cqkd.nets.teacher import Teacher, freeze
 from cqkd.train.progress import EpochProgress
-from cqkd.views.augment import BANK_SEED, ViewBank, ViewSpec, apply_views, step_generator, to_float
+from cqkd.views.augment import (
+    BANK_SEED,
+    ViewBank,
+    ViewSpec,
+    apply_views,
+    step_generator,
+    to_float,
+)
 from cqkd.views.degrade import Degradation, upsample_to
 
 

@@ -73,8 +73,8 @@ def run_on_split(module: CQKDModule, data: ImageData, progress: bool = False, ba
     return module.test_results
 
 
-def _student_config(cfg: RunConfig) -> RunConfig:
-    """``cfg`` without its teacher: the same data, model and degradation, nothing to load."""
+def student_config(cfg: RunConfig) -> RunConfig:
+    """``cfg`` without its teacher: the same data, model and degradation, nothing to load (evaluation of the student alone)."""
     if cfg.kind != "distill":
         return cfg
     temperature = 1.0 if cfg.temperature == "calibrated" else cfg.temperature
@@ -92,7 +92,7 @@ def predict_splits(path: str | os.PathLike, names: list[str], batch_size: int = 
     run_cfg = RunDir(path).config()
     gpu = torch.cuda.is_available() and str(run_cfg.accelerator) in ("auto", "gpu", "cuda")
     trained = load_trained(path)
-    cfg = _student_config(trained.cfg).replace(accelerator="gpu" if gpu else "cpu", precision="32")
+    cfg = student_config(trained.cfg).replace(accelerator="gpu" if gpu else "cpu", precision="32")
     module = CQKDModule(trained.model, cfg, trained.splits.info)
     out: dict[str, dict[str, torch.Tensor]] = {}
     for name in names:

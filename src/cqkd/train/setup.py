@@ -37,7 +37,11 @@ def load_splits(cfg: RunConfig) -> Splits:
 def _multi_node_launcher() -> bool:
     """True when a launcher starts this command on every node (SLURM, torchrun, LSF, or Lightning's
     NODE_RANK and MASTER_ADDR set by hand, as on Kubeflow)."""
-    from lightning.fabric.plugins.environments import LSFEnvironment, SLURMEnvironment, TorchElasticEnvironment
+    from lightning.fabric.plugins.environments import (
+        LSFEnvironment,
+        SLURMEnvironment,
+        TorchElasticEnvironment,
+    )
 
     environments = (SLURMEnvironment, TorchElasticEnvironment, LSFEnvironment)
     return any(e.detect() for e in environments) or {"NODE_RANK", "MASTER_ADDR"} <= set(os.environ)
