@@ -12,7 +12,7 @@ from typing import Any
 
 from cqkd.core.config import CONFIG_KEYS
 from cqkd.core.io import atomic_write, write_text
-from cqkd.core.rundir import RunDir
+from cqkd.core.rundir import RunDir, claim_outputs
 from cqkd.core.signals import hang_if_asked
 from cqkd.errors import CqkdError
 from cqkd.analysis import figures as plots_study
@@ -29,6 +29,9 @@ from cqkd.analysis.findings import (
 )
 from cqkd.sweep.state import load_state
 from cqkd.core.text import markdown_table
+
+FIGURES = ("temperature", "size", "entropy", "calibration")
+REPORT_FILES = ("results.csv", "report.md", *(f"figures/{name}.png" for name in FIGURES))  # what a report writes
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -205,6 +208,7 @@ def write_report(directory: str | os.PathLike) -> dict[str, Any]:
     """Write results.csv, report.md and figures/*.png for the sweep in ``directory``."""
     directory = Path(directory)
     rows, state = collect_rows(directory)
+    claim_outputs(directory, REPORT_FILES, standard=(directory / "sweep.json").is_file())
     csv_path = directory / "results.csv"
     write_csv(rows, csv_path)
     hang_if_asked("report")
@@ -213,7 +217,7 @@ def write_report(directory: str | os.PathLike) -> dict[str, Any]:
     series = distill_series(rows)
     sizes = size_table(rows)
     figures: dict[str, Path] = {}
-    for name, func in (("temperature", plots_study.temperature_figure), ("size", plots_study.size_figure),
+    for name, func in (("temperature", plots_study.temperature_figure), ("size", plots_study.size_figure),  # FIGURES
                        ("entropy", plots_study.entropy_figure), ("calibration", plots_study.calibration_figure)):
         path = fig_dir / f"{name}.png"
         if func(rows, [s for s in series if not s.is_control], sizes, path):

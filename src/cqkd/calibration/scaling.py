@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from cqkd.core.config import T_MAX, T_MIN
 from cqkd.core.io import read_json, write_json
 from cqkd.core.rundir import RunDir
 from cqkd.errors import CqkdError
@@ -35,7 +36,7 @@ class TemperatureScaler:
     whose NLL keeps falling as T → 0).
     """
 
-    def __init__(self, t_cal: float | None = None, t_min: float = 1e-2, t_max: float = 1e2, tol: float = 1e-10) -> None:
+    def __init__(self, t_cal: float | None = None, t_min: float = T_MIN, t_max: float = T_MAX, tol: float = 1e-10) -> None:
         if not 0 < t_min < 1 < t_max:
             raise ValueError(f"need 0 < t_min < 1 < t_max, got {t_min}, {t_max}")
         if t_cal is not None and not (math.isfinite(t_cal) and t_cal > 0):
@@ -120,7 +121,10 @@ class TemperatureScaler:
         t = data.get("t_cal")
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             raise CqkdError(f"{where}: t_cal={t!r} is not a number > 0")
-        scaler = cls(float(t), data.get("t_min", 1e-2), data.get("t_max", 1e2))
+        if not T_MIN * (1 - 1e-9) <= t <= T_MAX * (1 + 1e-9):
+            raise CqkdError(f"{where}: t_cal={t!r} lies outside the fitter's range [{T_MIN:g}, {T_MAX:g}]; "
+                            "not a temperature cqkd fitted (refit it with `cqkd calibrate`)")
+        scaler = cls(float(t), T_MIN, T_MAX)
         scaler.nll_before, scaler.nll_after = data.get("nll_before"), data.get("nll_after")
         scaler.n, scaler.at_bound = data.get("n"), bool(data.get("at_bound", False))
         return scaler

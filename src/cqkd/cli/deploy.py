@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cqkd.cli.common import EXIT_SKIPPED
+from cqkd.core.io import check_output_file
 from cqkd.errors import CqkdError
 
 
@@ -24,6 +25,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise unknown_name("output format", args.format, FORMATS)
     if args.top_k < 1:
         raise CqkdError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.out:
+        check_output_file(args.out, "--out")  # not a device, FIFO or socket (/dev/null included)
     if args.out and os.path.exists(args.out) and not args.force:
         raise CqkdError(f"--out {args.out!r} exists; pass --force to overwrite it")
     predictor = load_predictor(args.run, calibration=not args.no_calibration)
