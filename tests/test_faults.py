@@ -338,15 +338,30 @@ def test_6_every_image_mode_is_read_as_its_8_bit_picture(capsys, tmp_path, teach
 
 # ---------------------------------------------------------------- 7. signals in predict and export
 
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """The output of ``proc``; if it has not ended within ``timeout`` s, SIGTERM it, then kill it, and fail."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=10)
+            pytest.fail(f"blocked; SIGTERM ended it (rc={proc.returncode}): {err[-500:]}")
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            pytest.fail("blocked, and SIGTERM did not end it")
+
+
 def test_7_predict_on_a_fifo_neither_blocks_nor_ignores_signals(tmp_path, teacher, picture):
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
     proc = spawn("predict", teacher, fifo, "--quiet")
-    out, err = proc.communicate(timeout=120)
+    out, err = finish(proc, 90)
     assert proc.returncode == 2 and "pipe.png" in err and "not a regular file" in err, err
     assert err.strip().count("\n") == 0
     proc = spawn("predict", teacher, fifo, picture, "--skip-bad-images", "--quiet")
-    out, err = proc.communicate(timeout=120)
+    out, err = finish(proc, 90)
     assert proc.returncode == 3 and "skipped 1 unreadable file(s)" in err, err
     assert len(out.strip().splitlines()) == 2  # the header and the readable picture
 
@@ -367,6 +382,19 @@ def test_7_sigterm_during_the_onnx_export_is_an_interruption(tmp_path, teacher):
     assert err.strip().splitlines()[-1] == "cqkd: interrupted by SIGTERM", err
     assert "exporter failed" not in err
     assert not list((own / "export").glob("*")) if (own / "export").exists() else True
+
+
+def test_7_sigterm_inside_the_onnx_exporter_is_reported_as_interrupted(capsys, tmp_path, teacher, monkeypatch):
+    """SIGTERM arriving while torch.onnx.export runs (its handler raises there), in-process."""
+    pytest.importorskip("onnx")
+    from cqkd.core.signals import raise_on_sigterm
+
+    own = copy_run(teacher, tmp_path / "t")
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: raise_on_sigterm())
+    code, err = cqkd(capsys, "export", own)
+    assert code == 143 and err.strip().splitlines()[-1] == "cqkd: interrupted by SIGTERM", err
+    assert "exporter failed" not in err
+    assert not [p for p in (own / "export").rglob("*") if p.is_file()] if (own / "export").exists() else True
 
 
 def test_7_an_interruption_wrapped_by_the_exporter_is_still_an_interruption():

@@ -81,7 +81,7 @@ class RunConfig:
     teacher_weights: str | None = option(None, "pretrained teacher weights by name: a torchvision enum member "
                                                "(IMAGENET1K_V2, DEFAULT) or a timm tag (pretrained)", K,
                                          metavar="NAME", distill=True)
-    temperature: float | str = option(4.0, "distillation temperature T > 0, or 'calibrated' for the teacher's T_cal",
+    temperature: float | str = option(4.0, "distillation temperature T in [0.01, 100], or 'calibrated' for the teacher's T_cal",
                                       K, metavar="T", distill=True)
     alpha: float = option(0.5, "weight of the soft (KL) term in [0, 1]", K, distill=True)
     teacher_calibration: str = option("none", "temperature: divide the teacher's logits by its T_cal (fitted on val) "
