@@ -14,7 +14,6 @@ from cqkd.analysis import stats as S
 from cqkd.calibration import bootstrap as B
 from cqkd.calibration import metrics as M
 
-
 # --- bootstrap -----------------------------------------------------------------------------
 
 def _random_case(n: int = 1000, k: int = 10, seed: int = 0):

@@ -13,7 +13,9 @@ from cqkd.core.config import RunConfig
 from cqkd.core.rundir import RunDir
 from cqkd.data.registry import load_dataset
 from cqkd.distill import cache as cache_lib
-from cqkd.distill.methods import kd as kd_method  # the kd method calls distillation_loss
+from cqkd.distill.methods import (
+    kd as kd_method,  # the kd method calls distillation_loss
+)
 from cqkd.distill.source import make_teacher_source
 from cqkd.nets.registry import build_model
 from cqkd.nets.teacher import load_teacher

@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from cqkd import cli
 from cqkd.calibration.metrics import all_metrics, mean_kl, nll
 from cqkd.calibration.scaling import TemperatureScaler, read_calibration
-from cqkd.distill.methods import kd as kd_method  # the kd method calls distillation_loss
 from cqkd.distill.loss import distillation_loss, soft_targets
+from cqkd.distill.methods import (
+    kd as kd_method,  # the kd method calls distillation_loss
+)
 from cqkd.errors import CqkdError
 from cqkd.train.calibrate import calibrate_run, run_t_cal
 

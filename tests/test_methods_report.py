@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import pytest
-
-from cqkd.analysis.methods import arms, calibration_effects, comparison, kd_reference, methods_section
-from cqkd.core.text import markdown_table
 from test_sweep import _row
+
+from cqkd.analysis.methods import (
+    arms,
+    calibration_effects,
+    comparison,
+    kd_reference,
+    methods_section,
+)
+from cqkd.core.text import markdown_table
 
 
 def _rows(tmp_path):

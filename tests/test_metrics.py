@@ -11,7 +11,10 @@ import math
 
 import pytest
 import torch
-from torchmetrics.functional.classification import multiclass_accuracy, multiclass_calibration_error
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_calibration_error,
+)
 
 from cqkd.calibration import metrics as M
 

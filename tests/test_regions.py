@@ -10,12 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_cache import N_SMALL, distil_cfg, make_teacher_run, prepared_source
+from test_scale import make_folder
 
 from cqkd.core.config import RunConfig
 from cqkd.core.rundir import RunDir
 from cqkd.data.registry import load_dataset
 from cqkd.distill import cache as cache_lib
-from cqkd.distill.methods import kd as kd_method  # the kd method calls distillation_loss
+from cqkd.distill.methods import (
+    kd as kd_method,  # the kd method calls distillation_loss
+)
 from cqkd.distill.source import make_teacher_source, memory_views
 from cqkd.distill.targets import kl_to_full, topk_decode, topk_encode, topk_logits
 from cqkd.nets.registry import build_model
@@ -24,8 +28,6 @@ from cqkd.train import fit as training
 from cqkd.train import module as train_module
 from cqkd.views.augment import ViewBank, ViewSpec
 from cqkd.views.regions import CropSpec, RegionBank, cut_region, draw_region
-from test_cache import N_SMALL, distil_cfg, make_teacher_run, prepared_source
-from test_scale import make_folder
 
 CROP = 32
 

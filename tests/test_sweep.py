@@ -10,13 +10,13 @@ import pytest
 import torch
 import yaml
 
+from cqkd.analysis.findings import findings
+from cqkd.analysis.report import write_report
 from cqkd.cli import main
 from cqkd.core.io import read_json
 from cqkd.core.rundir import RunDir
 from cqkd.errors import CqkdError
-from cqkd.analysis.findings import findings
 from cqkd.sweep.plan import load_sweep, plan_sweep
-from cqkd.analysis.report import write_report
 from cqkd.sweep.runner import run_sweep
 
 TINY = {"dataset": "synthetic", "train_samples": 200, "epochs": 1, "accelerator": "cpu"}

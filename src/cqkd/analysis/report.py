@@ -15,8 +15,8 @@ from cqkd.analysis.findings import (
     RULE,
     _f,
     calibration_pairs,
-    control_rows,
     condition_of,
+    control_rows,
     distill_series,
     findings,
     mean_std,
@@ -27,10 +27,13 @@ from cqkd.analysis.methods import is_methods_sweep, methods_section
 from cqkd.core import faults
 from cqkd.core.config import CONFIG_KEYS
 from cqkd.core.io import atomic_write, write_text
-from cqkd.core.rundir import RunDir
+from cqkd.core.rundir import RunDir, claim_outputs
 from cqkd.core.text import markdown_table
 from cqkd.errors import CqkdError
 from cqkd.sweep.state import load_state
+
+FIGURES = ("temperature", "size", "entropy", "calibration")
+REPORT_FILES = ("results.csv", "report.md", *(f"figures/{name}.png" for name in FIGURES))  # what a report writes
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -208,6 +211,7 @@ def write_report(directory: str | os.PathLike) -> dict[str, Any]:
     """Write results.csv, report.md and figures/*.png for the sweep in ``directory``."""
     directory = Path(directory)
     rows, state = collect_rows(directory)
+    claim_outputs(directory, REPORT_FILES, standard=(directory / "sweep.json").is_file())
     csv_path = directory / "results.csv"
     write_csv(rows, csv_path)
     faults.point("report")
@@ -216,7 +220,7 @@ def write_report(directory: str | os.PathLike) -> dict[str, Any]:
     series = distill_series(rows)
     sizes = size_table(rows)
     figures: dict[str, Path] = {}
-    for name, func in (("temperature", plots_study.temperature_figure), ("size", plots_study.size_figure),
+    for name, func in (("temperature", plots_study.temperature_figure), ("size", plots_study.size_figure),  # FIGURES
                        ("entropy", plots_study.entropy_figure), ("calibration", plots_study.calibration_figure)):
         path = fig_dir / f"{name}.png"
         if func(rows, [s for s in series if not s.is_control], sizes, path):

@@ -24,13 +24,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from cqkd.core.config import T_MAX, T_MIN
 from cqkd.core.io import read_json, write_json
 from cqkd.core.rundir import RunDir
 from cqkd.errors import CqkdError
 
 _GOLDEN = (math.sqrt(5) - 1) / 2  # 0.618...
 SCHEMA = 2
-T_RANGE = (1e-2, 1e2)  # the default search range of T_cal
+T_RANGE = (T_MIN, T_MAX)  # the default search range of T_cal
 _V1_SCALER_KEYS = {"n": "n_fit", "nll_before": "nll_fit_before", "nll_after": "nll_fit_after"}
 
 
@@ -158,6 +159,9 @@ class TemperatureScaler:
         t = data.get("t_cal")
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             raise CqkdError(f"{where}: t_cal={t!r} is not a number > 0")
+        if not T_MIN * (1 - 1e-9) <= t <= T_MAX * (1 + 1e-9):
+            raise CqkdError(f"{where}: t_cal={t!r} lies outside the fitter's range [{T_MIN:g}, {T_MAX:g}]; "
+                            "not a temperature cqkd fitted (refit it with `cqkd calibrate`)")
         scaler = cls(float(t), data["t_min"], data["t_max"])
         scaler.nll_before, scaler.nll_after = data.get("nll_fit_before"), data.get("nll_fit_after")
         scaler.n, scaler.at_bound = data.get("n_fit"), bool(data.get("at_bound", False))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import sys
 import typing
@@ -79,7 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except RunInterrupted as e:
         out = getattr(args, "out", None)
-        hint = f"; continue with: cqkd {args.command} --out {out} --resume" if out and e.checkpoint else ""
+        if args is not None and args.command == "demo":  # a sweep: the same command continues it
+            hint = f"; continue with: {shlex.join(['cqkd', *(sys.argv[1:] if argv is None else map(str, argv))])}"
+        else:
+            hint = f"; continue with: cqkd {args.command} --out {shlex.quote(str(out))} --resume" \
+                if out and e.checkpoint else ""
         print(f"cqkd: {one_line(e)}{hint}", file=sys.stderr)
         return e.exit_code
     except RunFailed as e:

@@ -9,14 +9,18 @@ from collections.abc import Callable
 from typing import Any
 
 from cqkd.cli.common import EXIT_SKIPPED
+from cqkd.core.io import check_output_file
 from cqkd.errors import CqkdError
-
-
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """``cqkd predict``: classify image files with a trained run and print or write the predictions."""
-    from cqkd.deploy.files import FORMATS, format_predictions, predict_files, write_predictions
+    from cqkd.deploy.files import (
+        FORMATS,
+        format_predictions,
+        predict_files,
+        write_predictions,
+    )
     from cqkd.deploy.predictor import load_predictor
     from cqkd.errors import unknown_name
 
@@ -24,6 +28,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise unknown_name("output format", args.format, FORMATS)
     if args.top_k < 1:
         raise CqkdError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.out:
+        check_output_file(args.out, "--out")  # not a device, FIFO or socket (/dev/null included)
     if args.out and os.path.exists(args.out) and not args.force:
         raise CqkdError(f"--out {args.out!r} exists; pass --force to overwrite it")
     predictor = load_predictor(args.run, calibration=not args.no_calibration)

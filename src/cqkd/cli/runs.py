@@ -55,6 +55,7 @@ def _config_from_args(args: argparse.Namespace, kind: str):
     from cqkd.core.config import RunConfig
 
     raw: dict[str, Any] = {}
+    stored_teacher = None
     if getattr(args, "resume", False) and not args.config:
         from cqkd.core.rundir import RunDir
 
@@ -63,6 +64,7 @@ def _config_from_args(args: argparse.Namespace, kind: str):
             raise CqkdError(f"--resume: {args.out!r} holds no run to resume (no cqkd run there); drop --resume "
                             "to start one")
         raw.update(run.config().to_dict())
+        stored_teacher = raw.get("teacher")
     if args.config:
         from cqkd.core.io import read_yaml
 
@@ -72,6 +74,11 @@ def _config_from_args(args: argparse.Namespace, kind: str):
         raw.update(loaded)
     raw.update({k: v for k, v in vars(args).items() if k not in _NOT_CONFIG})
     raw["kind"] = kind
+    teacher = raw.get("teacher")
+    if kind == "distill" and isinstance(teacher, str) and teacher and "\x00" not in teacher:
+        # recorded absolute, so that it means the same from any directory (a resumed run keeps its own spelling)
+        if not (isinstance(stored_teacher, str) and os.path.abspath(stored_teacher) == os.path.abspath(teacher)):
+            raw["teacher"] = os.path.abspath(teacher)
     if isinstance(raw.get("devices"), str) and raw["devices"].isdigit():
         raw["devices"] = int(raw["devices"])
     return RunConfig.from_dict(raw, where="options")

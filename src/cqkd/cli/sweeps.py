@@ -12,9 +12,9 @@ from cqkd.errors import CqkdError, RunInterrupted
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """``cqkd sweep``: launch (or resume) a sweep's runs, or with ``--status`` print its progress."""
-    from cqkd.sweep.state import check_sweep_dir
     from cqkd.sweep.launch import launch
     from cqkd.sweep.plan import load_sweep
+    from cqkd.sweep.state import check_sweep_dir
 
     if args.status:
         from cqkd.cli.tables import sweep_status_table

@@ -38,6 +38,8 @@ def option(default: Any, help: str, group: str, *, metavar: str | None = None, c
 D, M, K, H, O = GROUPS
 LATE_FIELDS: frozenset[str] = frozenset({"teacher_topk", "teacher_compile", "method"})  # added since the study's runs (see RunConfig.digest)
 MAX_SEED = 2**32 - 1  # what numpy and Lightning's seed_everything accept
+T_MIN, T_MAX = 1e-2, 1e2  # the temperatures the T_cal fitter searches; T is held to the same range, so that
+# T * T_cal and T**2 (the loss) stay within [1e-4, 1e4]: finite in float32 and far from its underflow
 MAX_COUNT = 2**31 - 1  # a bound for counts (epochs, steps, images, ...) that every library can index
 MAX_BINS = 100_000
 MAX_CROP = 8192
@@ -80,7 +82,7 @@ class RunConfig:
     teacher_weights: str | None = option(None, "pretrained teacher weights by name: a torchvision enum member "
                                                "(IMAGENET1K_V2, DEFAULT) or a timm tag (pretrained)", K,
                                          metavar="NAME", distill=True)
-    temperature: float | str = option(4.0, "distillation temperature T > 0, or 'calibrated' for the teacher's T_cal",
+    temperature: float | str = option(4.0, "distillation temperature T in [0.01, 100], or 'calibrated' for the teacher's T_cal",
                                       K, metavar="T", distill=True)
     alpha: float = option(0.5, "weight of the soft (KL) term in [0, 1]", K, distill=True)
     teacher_calibration: str = option("none", "temperature: divide the teacher's logits by its T_cal (fitted on val) "
@@ -171,6 +173,9 @@ class RunConfig:
                 raise bad("temperature", "must be a number > 0 or 'calibrated'")
         elif not self.temperature > 0:
             raise bad("temperature", "must be > 0")
+        elif not T_MIN <= self.temperature <= T_MAX:
+            raise bad("temperature", f"must be in [{T_MIN:g}, {T_MAX:g}] (the range of T_cal's fit), "
+                                     "so that T * T_cal and T squared stay finite in float32")
         if not 0 <= self.alpha <= 1:
             raise bad("alpha", "must be in [0, 1]")
         if self.teacher_calibration not in TEACHER_CALIBRATION:

@@ -3,7 +3,7 @@
 Production code calls ``point(name, at=...)`` at the places a test may want to stop it; the
 plan of faults is read from the environment once, on the first call (or set with ``configure``):
 
-    CQKD_TEST_HANG_IN=PHASE        hang at the point PHASE (data, cache, test, calibration, report),
+    CQKD_TEST_HANG_IN=PHASE        hang at the point PHASE (data, cache, test, calibration, report, export),
                                    after printing "cqkd-test: waiting in PHASE" on stderr
     CQKD_TEST_HANG_AT_STEP=N       hang at the point "step" when at == N (after its periodic checkpoint)
     CQKD_TEST_KILL_AFTER_EPOCH=E   SIGKILL at the point "epoch" when at == E (epoch E and its

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -56,12 +57,38 @@ def write_error(path: str | os.PathLike, e: OSError) -> CqkdError:
     return CqkdError(f"cannot write {path}: {e.strerror or e}")
 
 
+_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def special_kind(path: str | os.PathLike) -> str | None:
+    """What ``path`` (followed through symbolic links) is when it exists and is not a regular file
+    ("a character device", "a FIFO", ...); None for a regular file or nothing at all."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    return next((what for test, what in _KINDS if test(mode)), None if stat.S_ISREG(mode) else "not a regular file")
+
+
+def check_replaceable(path: str | os.PathLike, option: str | None = None) -> None:
+    """Refuse (one line) to write ``path`` when it is a device, a FIFO, a socket or a directory:
+    an atomic write would rename a regular file over it (``/dev/null`` included)."""
+    kind = special_kind(path)
+    if kind is not None:
+        where = f"{option} {str(path)!r}" if option else str(path)
+        hint = " (leave out --out to write to standard output)" if option == "--out" and kind != "a directory" else ""
+        raise CqkdError(f"{where} is {kind}, not a regular file; cqkd writes only regular files{hint}")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "w") -> None:
     """Call ``write(f)`` on a temporary file next to ``path``, fsync it, then rename it in place.
 
     A failure leaves the previous version of ``path`` intact and no temporary file; a failed
-    write of the disk (full, read-only, ...) is a ``CqkdError`` naming ``path``."""
+    write of the disk (full, read-only, ...) is a ``CqkdError`` naming ``path``. A ``path`` that
+    is a device, a FIFO, a socket or a directory is refused, never renamed over."""
     path = Path(path)
+    check_replaceable(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -75,6 +102,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             write(guarded)
             f.flush()
             os.fsync(f.fileno())
+        check_replaceable(path)  # (again: it may have appeared while we wrote)
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
@@ -107,11 +135,23 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> N
 
 
 def check_output_file(path: str | os.PathLike, option: str) -> None:
-    """An output file that can be written: not a directory, in a directory that exists or can be made."""
+    """An output file that can be written: a regular file or nothing yet (not a directory, device,
+    FIFO or socket), in a directory that exists or can be made."""
     path = Path(path)
     if path.is_dir():
         raise CqkdError(f"{option} {str(path)!r} is a directory; name a file")
+    check_replaceable(path, option)
     check_creatable(path.parent, option, str(path))
+
+
+def refuse_symlink(directory: str | os.PathLike) -> Path:
+    """``directory`` (a sub-directory cqkd writes into or cleans: cache, export, eval, figures, ...)
+    unless it is a symbolic link, which would take cqkd's writes and deletions out of its parent."""
+    directory = Path(directory)
+    if directory.is_symlink():
+        raise CqkdError(f"{directory} is a symbolic link; cqkd writes only inside {directory.parent} "
+                        "(replace it with a directory)")
+    return directory
 
 
 def check_creatable(directory: Path, option: str, shown: str) -> None:

@@ -47,7 +47,13 @@ class Progress:
     def _open_bar(self) -> None:
         from rich.console import Console
         from rich.errors import LiveError
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
         from rich.progress import Progress as RichProgress
 
         bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

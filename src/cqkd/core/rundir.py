@@ -15,7 +15,14 @@ import torch
 
 from cqkd import __version__
 from cqkd.core.config import RunConfig
-from cqkd.core.io import check_creatable, load_tensors, read_json, read_yaml, write_json, write_yaml
+from cqkd.core.io import (
+    check_creatable,
+    load_tensors,
+    read_json,
+    read_yaml,
+    write_json,
+    write_yaml,
+)
 from cqkd.core.lock import Lock, acquire, holds, is_held
 from cqkd.errors import CqkdError
 
@@ -241,6 +248,36 @@ class RunDir:
             hint = " (the run is still running or failed)" if self.state in ("running", "failed") else ""
             raise CqkdError(f"run {str(self.path)!r} has no trained model ({self.weights_file.name} missing){hint}")
         return self.weights_file
+
+
+OUTPUTS_MARKER = ".cqkd-outputs.json"  # the files a report or the demo wrote into a directory of runs
+
+
+def claim_outputs(directory: str | os.PathLike, names: tuple[str, ...], standard: bool = False) -> None:
+    """Before writing ``names`` (paths relative to ``directory``: a report, the demo's summary),
+    refuse (one line) any that exists and that cqkd did not write, and a symbolic link among their
+    directories; then record them in ``directory/.cqkd-outputs.json``. ``standard``: the directory is
+    cqkd's own (a sweep holding its sweep.json), whose files of these names cqkd wrote before the
+    record existed."""
+    directory = Path(directory)
+    marker = directory / OUTPUTS_MARKER
+    owned: set[str] = set(names) if standard else set()
+    if marker.exists():
+        files = read_json(marker).get("files")
+        if not isinstance(files, list) or not all(isinstance(f, str) and _is_inside(f) for f in files):
+            raise CqkdError(f"{marker} is not a cqkd marker (files must be a list of relative paths)")
+        owned |= set(files)
+    for name in names:
+        for parent in Path(name).parents:
+            if str(parent) != "." and (directory / parent).is_symlink():
+                raise CqkdError(f"{directory / parent} is a symbolic link; cqkd writes only inside {directory} "
+                                "(replace it with a directory)")
+        if name not in owned and os.path.lexists(directory / name):
+            raise CqkdError(f"{directory / name} was not written by cqkd; refusing to overwrite it "
+                            "(move it away, or choose another directory)")
+    recorded = set(read_json(marker).get("files", [])) if marker.exists() else set()
+    if not set(names) <= recorded:
+        write_json(marker, {"cqkd_outputs": 1, "cqkd_version": __version__, "files": sorted(recorded | set(names))})
 
 
 def _is_inside(name: str) -> bool:

@@ -9,6 +9,7 @@ from typing import Any
 
 from cqkd.errors import RunInterrupted
 
+
 def raise_on_sigterm(signum: int = signal.SIGTERM, frame: Any = None) -> None:
     """A SIGTERM handler: raise ``RunInterrupted("SIGTERM")`` where the main thread is."""
     raise RunInterrupted("SIGTERM", None, None)

@@ -20,7 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cqkd.data.registry import DatasetInfo, ImageData, Splits, hold_out, register_dataset
+from cqkd.data.registry import (
+    DatasetInfo,
+    ImageData,
+    Splits,
+    hold_out,
+    register_dataset,
+)
 from cqkd.errors import CqkdError
 
 _ALLOWED_GLOBALS = {

@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cqkd.data.registry import DatasetInfo, ImageData, Splits, hold_out, register_dataset
+from cqkd.data.registry import (
+    DatasetInfo,
+    ImageData,
+    Splits,
+    hold_out,
+    register_dataset,
+)
 from cqkd.errors import CqkdError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

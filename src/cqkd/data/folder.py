@@ -11,16 +11,25 @@ import multiprocessing
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets.folder import make_dataset
 
+from cqkd.core.io import special_kind
 from cqkd.data.registry import SPLIT_SEED, DatasetInfo, Splits, register_dataset
 from cqkd.errors import CqkdError
 from cqkd.views.augment import BANK_SEED
-from cqkd.views.regions import REGIONS_FILE, SIZES_FILE, CropSpec, RegionBank, cut_region, draw_region
+from cqkd.views.regions import (
+    REGIONS_FILE,
+    SIZES_FILE,
+    CropSpec,
+    RegionBank,
+    cut_region,
+    draw_region,
+)
 
 log = logging.getLogger("cqkd.data")
 
@@ -57,12 +66,22 @@ def eval_resize(crop_size: int) -> int:
 
 
 def decode_rgb(path: str) -> torch.Tensor:
-    """Decode an image file to uint8 RGB (3, H, W): torchvision's decoders, PIL as fallback."""
+    """Decode an image file to uint8 RGB (3, H, W): torchvision's decoders, PIL as fallback.
+
+    Every mode comes out the same way as its 8-bit RGB picture: the EXIF orientation applied,
+    16-bit samples rounded to 8 bits (``round(v * 255 / 65535)``), palette expanded, alpha
+    dropped, CMYK through PIL. A device, FIFO or socket is refused before it is opened (reading
+    a FIFO nobody writes would block for ever)."""
     from torchvision.io import ImageReadMode, decode_image, read_file
 
+    kind = special_kind(path)
+    if kind is not None:
+        raise BadImageError(f"cannot decode image file {path} (it is {kind}, not a regular file)")
     try:
-        img = decode_image(read_file(path), mode=ImageReadMode.RGB)
-        if img.ndim == 3 and img.shape[0] == 3 and img.shape[1] > 0 and img.shape[2] > 0:
+        img = decode_image(read_file(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        if img.dtype == torch.uint16:
+            img = to_uint8(img)
+        if img.dtype == torch.uint8 and img.ndim == 3 and img.shape[0] == 3 and img.shape[1] > 0 and img.shape[2] > 0:
             return img
     except Exception:  # noqa: BLE001 - any decoder failure: try PIL before giving up
         pass
@@ -70,12 +89,30 @@ def decode_rgb(path: str) -> torch.Tensor:
         from PIL import Image
 
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
+            arr = pil_rgb8(im)
         if arr.ndim != 3 or 0 in arr.shape:
             raise ValueError("empty image")
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
     except Exception as e:  # noqa: BLE001
         raise BadImageError(f"cannot decode image file {path} ({type(e).__name__}: {e})") from None
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """16-bit samples (0-65535) to 8 bits, rounded: v * 257 (the same picture stored 16-bit) gives back v."""
+    return ((x.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
+
+
+def pil_rgb8(im: Any) -> np.ndarray:
+    """A PIL image of any mode as uint8 RGB (H, W, 3), upright (EXIF orientation applied), 16-bit
+    and 32-bit integer grey scaled from 0-65535 like ``to_uint8``."""
+    from PIL import ImageOps
+
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I"):  # I;16, I;16B, I (16-bit PNGs, TIFFs): 0-65535
+        a = np.clip(np.asarray(im, dtype=np.int64), 0, 65535)
+        grey = ((a * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    return np.asarray(im.convert("RGB"))
 
 
 def train_view(img: torch.Tensor, crop_size: int) -> torch.Tensor:

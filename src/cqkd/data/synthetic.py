@@ -6,7 +6,13 @@ import os
 
 import torch
 
-from cqkd.data.registry import DatasetInfo, ImageData, Splits, hold_out, register_dataset
+from cqkd.data.registry import (
+    DatasetInfo,
+    ImageData,
+    Splits,
+    hold_out,
+    register_dataset,
+)
 
 
 def make_synthetic(n: int, seed: int, size: int = 28, num_classes: int = 10) -> ImageData:

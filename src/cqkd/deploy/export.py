@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from cqkd import __version__
-from cqkd.core.io import file_sha256, write_json
+from cqkd.core import faults
+from cqkd.core.io import check_output_file, check_replaceable, file_sha256, write_json
 from cqkd.data.folder import eval_resize
 from cqkd.data.registry import make_loader
 from cqkd.deploy.predictor import Predictor, open_run
-from cqkd.errors import CqkdError, RunFailed, unknown_name
+from cqkd.errors import CqkdError, RunFailed, RunInterrupted, unknown_name
 from cqkd.views.degrade import Degradation
 
 FORMATS = ("onnx", "torchscript")
@@ -80,17 +81,32 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str | os.PathLik
 
     chatter = io.StringIO()
     try:
+        faults.point("export")
         with contextlib.redirect_stdout(chatter), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(module.eval(), (example,), str(path), dynamo=True, external_data=False,
                               opset_version=OPSET, input_names=[input_name], output_names=["logits"],
                               dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
     except Exception as e:  # noqa: BLE001 - the exporter's many failure types, reported in one line
+        reraise_interruption(e)
         raise ExportFailed(f"the ONNX exporter failed: {type(e).__name__}: {_first_line(e)}") from None
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:  # noqa: BLE001
+        reraise_interruption(e)
         raise ExportFailed(f"onnx.checker rejects the exported model: {_first_line(e)}") from None
+
+
+def reraise_interruption(e: BaseException) -> None:
+    """Raise the signal behind ``e`` (SIGTERM's ``RunInterrupted``, Ctrl-C), also when an exporter
+    wrapped it in an error of its own: an interruption is never reported as a failed export."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, (RunInterrupted, KeyboardInterrupt)):
+            raise cause from None
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
 
 
 def _first_line(e: BaseException) -> str:
@@ -118,6 +134,7 @@ def export_torchscript(module: nn.Module, example: torch.Tensor, path: str | os.
             traced = torch.jit.trace(module.eval(), (example,), check_trace=False)
             torch.jit.save(traced, str(path))
     except Exception as e:  # noqa: BLE001 - the tracer's many failure types, reported in one line
+        reraise_interruption(e)
         raise ExportFailed(f"TorchScript tracing failed: {type(e).__name__}: {_first_line(e)}") from None
 
 
@@ -196,11 +213,16 @@ def export_run(run: str | os.PathLike, fmt: str, out: str | os.PathLike | None =
         raise CqkdError(f"--parity-samples must be at least 1, got {parity_samples}")
     if fmt == "onnx":
         require_onnx()
+    in_run = out is None
     out = Path(out) if out is not None else default_out(run, fmt, with_preprocessing)
     card_file = card_path(out)
+    if in_run and out.parent.is_symlink():  # RUN/export: never followed out of the run
+        raise CqkdError(f"{out.parent} is a symbolic link; cqkd writes only inside the run directory "
+                        "(replace it with a directory, or name a file with --out)")
     for f in (out, card_file):
         if f.is_dir():
             raise CqkdError(f"--out: {str(f)!r} is a directory")
+        check_output_file(f, "--out")
         if f.exists() and not force:
             raise CqkdError(f"{str(f)!r} exists; pass --force to overwrite it")
     predictor, cfg, splits = open_run(run)
@@ -232,6 +254,7 @@ def export_run(run: str | os.PathLike, fmt: str, out: str | os.PathLike | None =
                 f"{parity.max_abs_logit_diff:.3g} (tolerance {parity.tolerance:g}); nothing written")
         card = model_card(predictor, fmt, out, tmp, with_preprocessing, parity)
         write_json(card_file, card)
+        check_replaceable(out, "--out")  # (again: it may have appeared during the export)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -53,22 +53,26 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], bat
             return e
 
     show = progress and len(files) > batch_size
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool, Progress(len(files), "predict", "images", show) as bar:
-        for start in range(0, len(files), batch_size):
-            chunk = files[start:start + batch_size]
-            ok, images = [], []
-            for path, image in zip(chunk, pool.map(load, chunk)):
-                if isinstance(image, BadImageError):
-                    if not skip_bad_images:
-                        raise CqkdError(f"{image}; pass --skip-bad-images to skip unreadable files") from None
-                    skipped.append((str(path), str(image)))
-                else:
-                    ok.append(str(path))
-                    images.append(image)
-            if images:
-                paths += ok
-                logits.append(predictor.forward_batches(torch.cat(images), batch_size))
-            bar.update(len(chunk))
+    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+    try:
+        with Progress(len(files), "predict", "images", show) as bar:
+            for start in range(0, len(files), batch_size):
+                chunk = files[start:start + batch_size]
+                ok, images = [], []
+                for path, image in zip(chunk, pool.map(load, chunk)):
+                    if isinstance(image, BadImageError):
+                        if not skip_bad_images:
+                            raise CqkdError(f"{image}; pass --skip-bad-images to skip unreadable files") from None
+                        skipped.append((str(path), str(image)))
+                    else:
+                        ok.append(str(path))
+                        images.append(image)
+                if images:
+                    paths += ok
+                    logits.append(predictor.forward_batches(torch.cat(images), batch_size))
+                bar.update(len(chunk))
+    finally:  # an error or a signal: drop the queued decodes instead of waiting for them
+        pool.shutdown(wait=False, cancel_futures=True)
     if not paths:
         raise CqkdError(f"none of the {len(files)} image files could be read (first: {skipped[0][1]})")
     return FilePredictions(paths, predictor.probabilities(torch.cat(logits), calibrated), skipped)

@@ -9,7 +9,14 @@ from typing import Any
 
 import torch
 
-from cqkd.data.folder import IMAGE_EXTENSIONS, BadImageError, decode_rgb, eval_view
+from cqkd.core.io import special_kind
+from cqkd.data.folder import (
+    IMAGE_EXTENSIONS,
+    BadImageError,
+    decode_rgb,
+    eval_view,
+    pil_rgb8,
+)
 from cqkd.errors import CqkdError
 
 ImageInput = Any  # a tensor, a PIL image, or a path to an image file
@@ -54,8 +61,7 @@ def read_image(item: ImageInput) -> torch.Tensor:
     if Image is not None and isinstance(item, Image.Image):
         import numpy as np
 
-        im = item if item.mode in ("L", "RGB") else item.convert("RGB")
-        arr = torch.from_numpy(np.asarray(im).copy())
+        arr = torch.from_numpy((np.asarray(item) if item.mode in ("L", "RGB") else pil_rgb8(item)).copy())
         return arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1).contiguous()
     raise CqkdError(f"cannot read an image from a {type(item).__name__}: pass a tensor, a PIL image or a file path")
 
@@ -65,6 +71,9 @@ def read_file(path: str | os.PathLike) -> torch.Tensor:
     PIL has checked it (a damaged file then fails here, before libpng writes to stderr)."""
     from PIL import Image
 
+    kind = special_kind(path)
+    if kind is not None:  # (a FIFO nobody writes would block open() for ever)
+        raise BadImageError(f"cannot decode image file {path} (it is {kind}, not a regular file)")
     try:
         with Image.open(path) as im:
             im.verify()

@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from cqkd.core.io import atomic_write, file_sha256, read_json
+from cqkd.core import faults
+from cqkd.core.io import atomic_write, file_sha256, read_json, refuse_symlink
 from cqkd.core.lock import acquire
 from cqkd.core.progress import Progress, say
-from cqkd.core import faults
 from cqkd.distill.targets import KL_TEMPERATURES, kl_to_full, topk_decode, topk_encode
 from cqkd.errors import CqkdError
 from cqkd.views.augment import BANK_SEED, ViewBank, to_float
@@ -433,6 +433,7 @@ def open_or_build(root: Path, spec: CacheSpec, bank: ViewBank | RegionBank, prod
     """Open the cache for ``spec`` under ``root``, building it first if it is missing or
     invalid. Returns the cache and the build time in seconds (0 when it was reused)."""
     log = log or _log
+    refuse_symlink(root)  # a symlinked cache/ would take the build and its cleanup out of the teacher run
     path = root / spec.key()
     if path.exists():
         try:
@@ -459,7 +460,9 @@ def open_or_build(root: Path, spec: CacheSpec, bank: ViewBank | RegionBank, prod
 
 def remove_stale(root: Path) -> None:
     """Remove the temporary and trash directories that killed builders left under ``root`` (those
-    whose key's lock no live process holds)."""
+    whose key's lock no live process holds); nothing when ``root`` is a symbolic link."""
+    if root.is_symlink():
+        return
     for d in sorted(root.glob(".tmp-*")) + sorted(root.glob(".trash-*")):
         key = d.name.split("-")[1] if d.name.count("-") >= 2 else ""
         if not key or not d.is_dir() or d.is_symlink():

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from cqkd.core.io import write_text
-from cqkd.core.rundir import RunDir
+from cqkd.core.rundir import RunDir, claim_outputs
+from cqkd.core.text import markdown_table
 from cqkd.sweep.plan import plan_sweep
 from cqkd.sweep.runner import run_sweep
-from cqkd.core.text import markdown_table
+from cqkd.sweep.state import check_sweep_dir
 
 # The default study: a 28 px teacher; supervised and CQKD students at 14 and 7 px.
 # Sized to finish within 20 minutes on a 2-core CPU (measured: see README).
@@ -51,6 +52,8 @@ def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None, epochs:
     ``out/summary.md``; return the summary's headers and rows. Failed runs are rows marked failed."""
 
     out = Path(out)
+    check_sweep_dir(out)  # a new or empty directory, or the demo's own sweep: never a directory of the user's
+    claim_outputs(out, ("summary.md",), standard=(out / "sweep.json").is_file())
     start = time.time()
     n = train_samples if train_samples is not None else DEMO_TRAIN_SAMPLES
     plan = plan_sweep(demo_spec(data_dir, epochs, train_samples, dataset), out, where="cqkd demo")

@@ -213,7 +213,7 @@ def plan_sweep(raw: Any, out: str | os.PathLike, where: str = "sweep") -> SweepP
             if tname not in teacher_dirs:
                 raise CqkdError(f"{gw}: teacher={tname!r} is not one of the teachers "
                                 f"({', '.join(teacher_dirs) or 'none defined'})")
-            values = {**base, **point, "kind": "distill", "teacher": str(teacher_dirs[tname])}
+            values = {**base, **point, "kind": "distill", "teacher": os.path.abspath(teacher_dirs[tname])}
             cfg = RunConfig.from_dict(values, where=f"{gw} {_point_text(point)}")
             try:
                 check_method(cfg.method)
@@ -243,15 +243,23 @@ def _point_text(point: dict[str, Any]) -> str:
     return "(" + ", ".join(f"{k}={v}" for k, v in point.items()) + ")"
 
 
-def _abs_teacher(cfg: RunConfig) -> RunConfig:
-    if cfg.teacher:
-        return RunConfig.from_dict({**cfg.to_dict(), "teacher": os.path.abspath(cfg.teacher)})
-    return cfg
-
-
 def config_digest(cfg: RunConfig) -> str:
-    """``RunConfig.digest()`` with the teacher path made absolute (so './out' and 'out' agree)."""
-    return _abs_teacher(cfg).digest()
+    """``RunConfig.digest()`` without the teacher's path: a sweep matches a student's teacher by the
+    digest of its weights (``teacher_matches``), so that a sweep re-planned from another working
+    directory, or moved, still knows its finished runs."""
+    if cfg.teacher:
+        return RunConfig.from_dict({**cfg.to_dict(), "teacher": "<teacher>"}).digest()
+    return cfg.digest()
+
+
+def teacher_matches(stored: RunConfig, planned: RunConfig, recorded: str | None, current: str | None) -> bool:
+    """Whether a finished student was distilled from the planned teacher: by the teacher weights'
+    digest where one was recorded (the student's metrics.json or sweep.json), else by its path."""
+    if recorded is not None:
+        return recorded == current
+    if not stored.teacher or not planned.teacher:
+        return stored.teacher == planned.teacher
+    return os.path.abspath(stored.teacher) == os.path.abspath(planned.teacher)
 
 
 def weights_digest(run_dir: Path) -> str | None:

@@ -18,7 +18,16 @@ from cqkd.errors import CqkdError, RunFailed, RunInterrupted
 from cqkd.sweep.claims import Heartbeat, HeldFile, age, identity, take
 from cqkd.sweep.plan import PlannedRun, SweepPlan, config_digest, weights_digest
 from cqkd.sweep.progress import SweepProgress, estimate_left, fmt_duration, summary
-from cqkd.sweep.state import OPEN, SweepDir, assess, join, now, touch
+from cqkd.sweep.state import (
+    OPEN,
+    SweepDir,
+    assess,
+    foreign_error,
+    foreign_runs,
+    join,
+    now,
+    touch,
+)
 from cqkd.train.checkpoints import resume_checkpoint
 from cqkd.train.fit import fit_run
 
@@ -69,17 +78,22 @@ def _dry_run(plan: SweepPlan, force: bool, say: Callable[[str], None]) -> SweepR
     state = SweepDir(plan.out).load()
     todo, done = assess(plan, state, force)
     todo_names = {r.name for r in todo}
+    foreign = foreign_runs(todo, state)
     for r in plan.runs:
         entry = state["runs"].get(r.name, {})
         failed_before = entry.get("state") == "failed"
-        tag = "uses" if r.external else "done" if r.name not in todo_names else "rerun" if failed_before else "run "
+        tag = "uses" if r.external else "done" if r.name not in todo_names else "foreign" if r in foreign \
+            else "rerun" if failed_before else "run "
         error = entry.get("error") if tag == "rerun" else None
         say(f"[{tag}] {r.name}" + (f"  ({r.path})" if r.external else "")
-            + (f"  (failed before: {error})" if error else ""))
+            + (f"  (failed before: {error})" if error else "")
+            + ("  (a run this sweep did not make: the sweep refuses to replace it)" if tag == "foreign" else ""))
     guess = estimate_left(plan, {"runs": {**{r.name: {"state": "pending"} for r in todo},
                                           **{r.name: {"state": "finished", "time_s": _time_s(r)} for r in done}}})
     say(f"{len(plan.runs)} runs: {len(done)} done, {len(todo)} to run"
         + (f", about {fmt_duration(guess)} at the speed of the finished ones" if guess is not None else ""))
+    if foreign:
+        raise foreign_error(foreign)
     return SweepResult(skipped=[r.name for r in done])
 
 

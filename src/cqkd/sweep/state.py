@@ -10,13 +10,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cqkd.core.io import read_json, write_json
+from cqkd.core.io import check_creatable, read_json, refuse_symlink, write_json
 from cqkd.core.lock import acquire
-from cqkd.core.io import check_creatable
-from cqkd.core.rundir import RunDir
+from cqkd.core.rundir import OUTPUTS_MARKER, RunDir
 from cqkd.errors import CqkdError
 from cqkd.sweep.claims import age, read_held
-from cqkd.sweep.plan import PlannedRun, SweepPlan, config_digest, weights_digest
+from cqkd.sweep.plan import (
+    PlannedRun,
+    SweepPlan,
+    config_digest,
+    teacher_matches,
+    weights_digest,
+)
 
 SWEEP_FILE = "sweep.json"
 DONE = ("finished", "failed", "external")  # states a run keeps until the next session
@@ -72,6 +77,7 @@ class SweepDir:
     @contextmanager
     def locked(self) -> Iterator[dict[str, Any]]:
         """Hold the sweep's lock and yield sweep.json; changes are written back when the block ends."""
+        refuse_symlink(self.meta)  # its claims and logs are cleaned: never beyond a link
         self.meta.mkdir(parents=True, exist_ok=True)
         try:
             lock = acquire(self.lock_file, f"the sweep state of {str(self.out)!r}", wait=True)
@@ -118,11 +124,21 @@ def is_done(run: PlannedRun, state: dict[str, Any], teacher_weights: dict[str, s
         return False
     if config_digest(stored) != config_digest(run.cfg):
         return False
-    if run.teacher is not None:
-        recorded = state["runs"].get(run.name, {}).get("teacher_weights")
-        if recorded is not None and recorded != teacher_weights.get(run.teacher):
+    if run.cfg is not None and run.cfg.teacher:
+        recorded = state["runs"].get(run.name, {}).get("teacher_weights") or _recorded_teacher(rd)
+        current = teacher_weights.get(run.teacher) if run.teacher is not None else None
+        if not teacher_matches(stored, run.cfg, recorded, current):
             return False
     return True
+
+
+def _recorded_teacher(rd: RunDir) -> str | None:
+    """The digest of the teacher's weights that a student recorded in its metrics.json (None before it did)."""
+    try:
+        digest = rd.metrics().get("teacher_digest")
+    except CqkdError:
+        return None
+    return digest if isinstance(digest, str) and digest else None
 
 
 def assess(plan: SweepPlan, state: dict[str, Any], force: bool) -> tuple[list[PlannedRun], list[PlannedRun]]:
@@ -157,8 +173,32 @@ def join(state: dict[str, Any], sd: SweepDir, plan: SweepPlan, force: bool, stal
     return _open_session(state, plan, force)
 
 
+def foreign_runs(todo: list[PlannedRun], state: dict[str, Any]) -> list[PlannedRun]:
+    """The runs to do whose directory already holds a cqkd run that this sweep did not make (it
+    never started it nor found it done there): a sweep replaces only its own runs."""
+    found = []
+    for r in todo:
+        entry = state["runs"].get(r.name, {})
+        if r.external or entry.get("started") or entry.get("digest"):
+            continue
+        rd = RunDir(r.path)
+        if rd.path.is_dir() and (rd.is_run or rd.config_file.exists()):
+            found.append(r)
+    return found
+
+
+def foreign_error(foreign: list[PlannedRun]) -> CqkdError:
+    """The one line that refuses to replace runs a sweep did not make."""
+    more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+    return CqkdError(f"{foreign[0].path} holds a run that this sweep did not make{more}; a sweep replaces only "
+                     "its own runs: move it away, or give the sweep another --out")
+
+
 def _open_session(state: dict[str, Any], plan: SweepPlan, force: bool) -> int:
     todo, done = assess(plan, state, force)
+    foreign = foreign_runs(todo, state)
+    if foreign:
+        raise foreign_error(foreign)
     todo_names = {r.name for r in todo}
     state.update(source=plan.source, description=plan.description, budget_minutes=plan.budget_minutes,
                  plan=[{"name": r.name, "group": r.group, "teacher": r.teacher,
@@ -194,7 +234,7 @@ def check_sweep_dir(path: Path) -> None:
         return
     if not path.is_dir():
         raise CqkdError(f"--out {str(path)!r} exists and is not a directory")
-    others = sorted(p.name for p in path.iterdir() if p.name not in (".sweep", ".sweep.lock"))
+    others = sorted(p.name for p in path.iterdir() if p.name not in (".sweep", ".sweep.lock", OUTPUTS_MARKER))
     if others and not (path / "sweep.json").exists():
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         raise CqkdError(f"--out {str(path)!r} is not empty and is not a cqkd sweep (no sweep.json; it holds {shown}); "

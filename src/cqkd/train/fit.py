@@ -17,7 +17,7 @@ from cqkd import __version__
 from cqkd.calibration.metrics import all_metrics, mean_kl
 from cqkd.calibration.plots import reliability_diagram
 from cqkd.core.config import RunConfig
-from cqkd.core.io import atomic_write, save_tensors, write_json
+from cqkd.core.io import atomic_write, refuse_symlink, save_tensors, write_json
 from cqkd.core.rundir import RunDir
 from cqkd.data.folder import skipped_files
 from cqkd.data.registry import DatasetInfo, Splits, check_data_dir, make_loader
@@ -88,6 +88,8 @@ def check_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, resum
         if o == t or t in o.parents or o in t.parents:
             raise CqkdError(f"--out {str(out)!r} overlaps the teacher {cfg.teacher!r}; a student's run directory "
                             "must lie outside its teacher (and not contain it)")
+        if cfg.teacher_cache != "off" and Path(cfg.teacher).is_dir():
+            refuse_symlink(Path(cfg.teacher) / "cache")  # the cache build and its cleanup stay inside the teacher
     if is_rank_zero():  # the other ranks start after rank 0 has prepared (and locked) the run
         run.check_out(force, resume)
     check_hardware(cfg)
@@ -146,7 +148,7 @@ def _fit(run: RunDir, cfg: RunConfig, splits: Splits, model: nn.Module, teacher:
                 raise KeyboardInterrupt
             if guard.stop_signal or trainer.received_sigterm:  # asked to stop during the last validation
                 raise RunInterrupted(guard.stop_signal or "SIGTERM", trainer.global_step, None)
-            module.load_teacher_memo(len(splits.test))  # the teacher's test outputs, if a sibling saved them
+            module.load_teacher_memo(splits.test)  # the teacher's test outputs, if a sibling saved them
             trainer.test(module, make_loader(splits.test, eval_batch, shuffle=False, num_workers=cfg.num_workers,
                                              pin_memory=pin), ckpt_path="best", verbose=False)
             metrics = collect_metrics(module, cfg, splits.info, teacher)
@@ -229,7 +231,7 @@ def collect_metrics(module: CQKDModule, cfg: RunConfig, info: DatasetInfo, teach
     if teacher is not None:
         metrics.update(
             temperature=module.step.temperature, temperature_mode="calibrated" if cfg.temperature == "calibrated" else "fixed",
-            alpha=cfg.alpha, teacher=teacher.path, teacher_model=teacher.model_name,
+            alpha=cfg.alpha, teacher=teacher.path, teacher_digest=teacher.digest, teacher_model=teacher.model_name,
             teacher_calibration=cfg.teacher_calibration, t_cal=teacher.t_cal,
             teacher_temperature_applied=module.step.t_cal,
             teacher_metrics=_summary(all_metrics(res["teacher_logits"], res["labels"], cfg.ece_bins)),
@@ -281,10 +283,18 @@ def evaluate_run(path: str | os.PathLike, progress: bool = True, outputs: dict[s
     weights = run.require_weights()
     check_weights(weights, stored)
     check_hardware(cfg.replace(devices=1, strategy="auto", num_nodes=1))
+    recorded = run.metrics().get("teacher_digest") if run.metrics_file.exists() else None
+    if cfg.kind == "distill" and cfg.teacher and not os.path.lexists(cfg.teacher):
+        where = "" if os.path.isabs(cfg.teacher) else " (relative to the current directory)"
+        raise CqkdError(f"the teacher recorded in {run.config_file}, {cfg.teacher!r}{where}, does not exist "
+                        "(moved or deleted?); put it back there to evaluate this student")
     calibrated = cfg.kind == "distill" and (cfg.teacher_calibration == "temperature" or cfg.temperature == "calibrated")
     trained = run.metrics().get("t_cal") if calibrated and run.metrics_file.exists() else None
     trained_t_cal = float(trained) if isinstance(trained, (int, float)) and trained > 0 else None
     splits, model, teacher = prepare(cfg, trained_t_cal)
+    if teacher is not None and isinstance(recorded, str) and recorded and teacher.digest != recorded:
+        raise CqkdError(f"the teacher at {cfg.teacher!r} is not the one {str(run.path)!r} was distilled from "
+                        f"(weights digest {teacher.digest}, recorded {recorded}); put that teacher back there")
     load_weights(model, weights)
     module = CQKDModule(model, cfg, splits.info, teacher)
     results = run_on_split(module, splits.test, progress, test_split=True, quiet=quiet)

@@ -282,15 +282,23 @@ class CQKDModule(L.LightningModule):
     def teacher_memo_path(self) -> Path | None:
         """Where the teacher's test logits (on the full-resolution view, and on this run's
         degraded view upsampled) are kept for other students: they depend only on the teacher's
-        weights, the test split and the degradation. None where they cannot be reused."""
+        weights, the test split's content (``test_digest``, set by ``load_teacher_memo``) and the
+        degradation. None where they cannot be reused, or where ``eval/`` is a symbolic link."""
         t = self.teacher_info
-        if t is None or not t.digest or not Path(t.path).is_dir() or self.degrade.noise > 0:
+        if t is None or not t.digest or not Path(t.path).is_dir() or self.degrade.noise > 0 or not self.test_digest:
             return None
-        key = f"{t.digest}-{self.info.name}-{self.degrade.spec()}-{self.cfg.precision}"
-        return Path(t.path) / "eval" / f"test-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+        memo_dir = Path(t.path) / "eval"
+        if memo_dir.is_symlink():  # never read or write beyond a link out of the teacher run
+            return None
+        key = f"{t.digest}-{self.info.name}-{self.test_digest}-{self.degrade.spec()}-{self.cfg.precision}"
+        return memo_dir / f"test-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
-    def load_teacher_memo(self, num_test: int) -> None:
-        """Load the teacher's memoised test logits if they exist and cover ``num_test`` images."""
+    test_digest: str = ""
+
+    def load_teacher_memo(self, test: Any) -> None:
+        """Load the teacher's memoised test logits for the test split ``test`` if they exist, were
+        computed on the same images (its content digest keys them) and have its labels."""
+        self.test_digest = split_digest(test)
         path = self.teacher_memo_path()
         self.teacher_memo = None
         if path is None or not path.exists():
@@ -299,8 +307,13 @@ class CQKDModule(L.LightningModule):
             memo = load_tensors(path)
         except CqkdError:
             return  # damaged: recomputed and rewritten
-        if all(memo.get(k) is not None and len(memo[k]) == num_test for k in ("teacher_logits", "teacher_lr_logits")):
-            self.teacher_memo = memo
+        n = len(test)
+        if not all(memo.get(k) is not None and len(memo[k]) == n for k in ("teacher_logits", "teacher_lr_logits")):
+            return
+        labels = memo.get("labels")
+        if labels is None or not torch.equal(labels.cpu(), torch.as_tensor(test.labels).cpu()):
+            return  # written before the labels were kept, or for other images: recomputed
+        self.teacher_memo = memo
 
     def save_teacher_memo(self) -> None:
         """Memoise the teacher's test logits for other students, if computed on the whole test split in order."""
@@ -311,7 +324,8 @@ class CQKDModule(L.LightningModule):
         if not torch.equal(res["idx"], torch.arange(len(res["idx"]))):
             return  # not the whole split in order
         try:
-            save_tensors(path, {"teacher_logits": res["teacher_logits"], "teacher_lr_logits": res["teacher_lr_logits"]})
+            save_tensors(path, {"teacher_logits": res["teacher_logits"], "teacher_lr_logits": res["teacher_lr_logits"],
+                                "labels": res["labels"]})
         except CqkdError:
             pass  # a read-only teacher directory: nothing to share, nothing lost
 
@@ -332,3 +346,20 @@ class CQKDModule(L.LightningModule):
         keep[1:] = idx[1:] != idx[:-1]
         self.test_results = {k: v[order][keep].cpu() for k, v in local.items()}
         self._test_outputs = []
+
+
+def split_digest(split: Any) -> str:
+    """What a split's outputs depend on, as 16 hex digits: its images' bytes and labels (in-memory
+    splits), or each file's resolved path, size and modification time with the labels (image folders)."""
+    h = hashlib.sha256()
+    if isinstance(getattr(split, "images", None), torch.Tensor):
+        h.update(split.images.contiguous().cpu().numpy().tobytes())
+    else:
+        for name in getattr(split, "paths", []):
+            try:
+                st = Path(name).stat()
+                h.update(f"{Path(name).resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{name}\0missing\n".encode())
+    h.update(torch.as_tensor(split.labels).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -8,9 +8,8 @@ The chain runs in one fixed order: resize -> blur -> noise -> jpeg -> (upsample)
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-
 import warnings
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -169,7 +168,11 @@ def jpeg(x: torch.Tensor, qualities: int | list[int]) -> torch.Tensor:
     images use libjpeg's default 4:2:0 chroma subsampling). On CUDA the batch is encoded and
     decoded on the GPU (nvJPEG), elsewhere on the CPU; torchvision.io is the backend (why not
     TorchCodec: docs/quality.md)."""
-    from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg  # heavy: only where JPEG is used
+    from torchvision.io import (  # heavy: only where JPEG is used
+        ImageReadMode,
+        decode_jpeg,
+        encode_jpeg,
+    )
 
     n, channels = len(x), x.shape[1]
     if channels not in (1, 3):

@@ -7,7 +7,14 @@ spec string such as ``dkd,beta=8,warmup=20`` and returns the method. Adding one:
 from __future__ import annotations
 
 from cqkd.distill.methods.at import AT
-from cqkd.distill.methods.base import Method, Needs, Outputs, Progress, Settings, parse_spec
+from cqkd.distill.methods.base import (
+    Method,
+    Needs,
+    Outputs,
+    Progress,
+    Settings,
+    parse_spec,
+)
 from cqkd.distill.methods.ctkd import CTKD
 from cqkd.distill.methods.dist import DIST
 from cqkd.distill.methods.dkd import DKD

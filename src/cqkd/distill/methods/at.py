@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cqkd.distill.methods.base import Method, Needs, Option, Outputs, Progress, match_size
+from cqkd.distill.methods.base import (
+    Method,
+    Needs,
+    Option,
+    Outputs,
+    Progress,
+    match_size,
+)
 
 
 class AT(Method):

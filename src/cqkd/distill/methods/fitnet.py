@@ -6,7 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cqkd.distill.methods.base import Method, Needs, Option, Outputs, Progress, match_size
+from cqkd.distill.methods.base import (
+    Method,
+    Needs,
+    Option,
+    Outputs,
+    Progress,
+    match_size,
+)
 
 
 class FitNet(Method):
