@@ -20,6 +20,7 @@ from cqkd.sweep.progress import SweepProgress, estimate_left, fmt_duration, summ
 from cqkd.sweep.state import OPEN, SweepDir, assess, join, now, touch
 from cqkd.train.checkpoints import resume_checkpoint
 from cqkd.train.fit import fit_run
+from cqkd.train.trackers import Tracking, tracker_names
 
 STALE_AFTER = 60.0  # seconds without a heartbeat after which a claim is taken over
 EXIT_CLAIM_LOST = 75
@@ -237,6 +238,8 @@ class Worker:
         how = how_to_start(rd, run.cfg, self.force and not job.continuing)
         if how.get("note"):
             self.say(f"{run.name}: {how.pop('note')}")
+        if tracker_names(run.cfg):
+            how["tracking"] = sweep_tracking(self.plan, run)
         t0 = time.time()
         try:
             metrics = self.fit(run.cfg, run.path, progress=self.display is not None and self.display.enabled, **how)
@@ -279,6 +282,19 @@ def _on_lost(held: HeldFile) -> None:
         print(f"cqkd: another worker took over {held.info['claim']} (this worker's heartbeat was too old); "
               "stopping so that one process writes the run", file=sys.stderr, flush=True)
         os._exit(EXIT_CLAIM_LOST)
+
+
+def sweep_tracking(plan: SweepPlan, run: PlannedRun) -> Tracking:
+    """A sweep run's place in the trackers: the sweep's MLflow store and experiment (its directory's
+    name), tagged with the sweep, the group and each key of its grid point (read from its name)."""
+    sweep = os.path.basename(os.path.abspath(plan.out))
+    point = run.name.partition("/")[2]
+    tags = {"run": run.name, "sweep": sweep, "group": run.group}
+    for part in point.split(","):
+        key, eq, value = part.partition("=")
+        if eq and key not in tags:
+            tags[key] = value
+    return Tracking(store_dir=plan.out, experiment=sweep, tags=tags)
 
 
 def how_to_start(rd: RunDir, cfg: RunConfig, force: bool) -> dict[str, Any]:
