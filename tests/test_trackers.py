@@ -97,14 +97,10 @@ def test_logger_option_is_parsed_checked_and_outside_the_digest():
 
 
 def test_tensorboard_and_local_mlflow_hold_every_scalar_with_its_step(tiny_teacher, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     out = tmp_path / "student"
     cfg = _student(tiny_teacher, epochs=2, logger="tensorboard,mlflow")
     metrics = fit_run(cfg, out, progress=False)
-    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
-    events.Reload()
-    scalars = {t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"]}
+    scalars = _tensorboard_scalars(out / "tensorboard" / "version_0")
     series = _csv_series(out)
     assert {"train/loss", "train/ce", "train/kl", "val/top1", "val/nll"} <= set(series)
     for key, points in series.items():  # 2 epochs: each epoch-level value once, at the step it was logged
@@ -118,6 +114,15 @@ def test_tensorboard_and_local_mlflow_hold_every_scalar_with_its_step(tiny_teach
     client, run = _mlflow_run(f"sqlite:///{out / 'mlflow.db'}", "cqkd", out.name)
     _check_mlflow(client, run, out, cfg)
     assert run.data.tags["run"] == out.name
+
+
+def _tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of a TensorBoard log directory, read with TensorBoard's own event reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"]}
 
 
 def _free_port() -> int:
@@ -227,8 +232,10 @@ def test_a_sweep_shares_one_store_and_tags_its_grid_points(tmp_path):
         assert run.info.run_name == name and run.data.params["size"] == str(size)
 
 
-def test_sweep_status_shows_a_running_runs_epoch_and_val_top1(tmp_path, capsys):
-    spec = {"base": {**TINY, "train_samples": 200, "epochs": 3}, "supervised": {"model": "cnn-small", "size": 7}}
+def test_sweep_status_shows_a_running_runs_epoch_and_val_top1_and_a_resumed_run_keeps_its_tracker_runs(
+        tmp_path, capsys):
+    spec = {"base": {**TINY, "train_samples": 200, "epochs": 3, "logger": "tensorboard,mlflow"},
+            "supervised": {"model": "cnn-small", "size": 7}}
     cfg = _write(tmp_path / "sweep.yaml", spec)
     out = tmp_path / "out"
     env = {**cli_env(), "CQKD_TEST_KILL_AFTER_EPOCH": "1", "OMP_NUM_THREADS": "1"}  # kill -9 after epoch 1
@@ -242,3 +249,15 @@ def test_sweep_status_shows_a_running_runs_epoch_and_val_top1(tmp_path, capsys):
     assert main(["sweep", "--status", str(out)]) == 0
     shown = capsys.readouterr().out
     assert "1 running" in shown and "1/3" in shown and f"{top1[0]:.4f}" in shown, shown
+    # the sweep resumes the run from its epoch-1 checkpoint: the same MLflow run and TensorBoard directory go on
+    result = run_sweep(load_sweep(cfg, out), progress=False, print_fn=lambda s: None, stale_after=1)
+    assert result.ok and result.ran == [name]
+    series = _csv_series(out / name)
+    assert len(series["val/top1"]) == 3
+    client, run = _mlflow_run(f"sqlite:///{out / 'mlflow.db'}", "out", name)  # exactly one run of that name
+    assert run.info.status == "FINISHED"
+    for key in ("val/top1", "train/loss"):
+        assert [(s, pytest.approx(v)) for s, v in _history(client, run, key)] == series[key], key
+    assert [p.name for p in (out / name / "tensorboard").iterdir()] == ["version_0"]
+    scalars = _tensorboard_scalars(out / name / "tensorboard" / "version_0")
+    assert [(s, pytest.approx(v)) for s, v in scalars["val/top1"]] == series["val/top1"]

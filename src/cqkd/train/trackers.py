@@ -17,12 +17,16 @@ from typing import Any
 
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
 
 from cqkd.core.config import RunConfig
+from cqkd.core.io import read_json, write_json
+from cqkd.core.rundir import RunDir
 from cqkd.errors import CqkdError
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")  # each is also the module it needs and the name of its extra
 FINAL_METRICS = ("top1", "ece", "nll", "entropy")  # the test metrics a tracker receives at the end, as test/<name>
+TRACKERS_FILE = "trackers.json"  # the trackers' run ids, so that a resumed run continues its tracker runs
 MLFLOW_STORE = "mlflow.db"  # the default MLflow store (SQLite) in the run's or the sweep's directory
 # MLflow retries an unreachable server for minutes by default; a run waits that long once at most
 MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -34,7 +38,7 @@ class Tracking:
     """How a run's trackers name, tag and place it: a lone run uses its own directory, a sweep passes
     its directory (one MLflow store, one experiment) and the run's grid point as tags."""
 
-    store_dir: Path | None = None  # where the default MLflow store lies (None: the run directory)
+    store_dir: Path | None = None  # where the default MLflow store and W&B's caches lie (None: the run directory)
     experiment: str = "cqkd"
     tags: dict[str, str] = field(default_factory=dict)
 
@@ -59,21 +63,50 @@ def tracker_params(cfg: RunConfig) -> dict[str, Any]:
     return {k: "none" if v is None else v for k, v in cfg.to_dict().items()}
 
 
-def make_trackers(cfg: RunConfig, run_dir: Path, tracking: Tracking | None = None) -> list["SafeLogger"]:
+def make_trackers(cfg: RunConfig, run_dir: Path, tracking: Tracking | None = None,
+                  resume: bool = False) -> list["SafeLogger"]:
     """Lightning loggers for the trackers ``cfg`` asks for, each writing under ``run_dir`` unless told
-    otherwise, with the run's configuration logged as hyperparameters."""
+    otherwise, with the run's configuration logged as hyperparameters. A resumed run continues the
+    tracker runs it started (their ids are in ``trackers.json``); a fresh start begins new ones."""
     tracking = tracking or Tracking()
     run_dir = Path(run_dir).resolve()
     name = tracking.tags.get("run", run_dir.name)
     tags = {"run": name, **tracking.tags}
+    previous = {**_previous_ids(run_dir), "resume": True} if resume else {}
     made = []
     for tracker in tracker_names(cfg):
         build = _BUILDERS[tracker]
-        made.append(SafeLogger(tracker, lambda b=build: b(cfg, run_dir, tracking, name, tags)))
+        made.append(SafeLogger(tracker, lambda b=build: b(cfg, run_dir, tracking, name, tags, previous)))
     params = tracker_params(cfg)
     for logger in made:
         logger.log_hyperparams(params)
+    _save_ids(run_dir, made)
     return made
+
+
+def _previous_ids(run_dir: Path) -> dict[str, Any]:
+    """The tracker run ids a run recorded (none if it recorded none, or the file is unreadable)."""
+    try:
+        if TRACKERS_FILE in RunDir(run_dir).owned() and (run_dir / TRACKERS_FILE).is_file():
+            return read_json(run_dir / TRACKERS_FILE)
+    except CqkdError:
+        pass
+    return {}
+
+
+@rank_zero_only
+def _save_ids(run_dir: Path, trackers: list["SafeLogger"]) -> None:
+    ids = {}
+    for logger in trackers:
+        inner = logger.inner
+        if logger.tracker == "mlflow" and inner is not None and getattr(inner, "_run_id", None):
+            ids["mlflow"] = {"tracking_uri": inner._tracking_uri, "run_id": inner._run_id}
+        elif logger.tracker == "wandb" and inner is not None and logger.failed is None:
+            ids["wandb"] = {"id": logger.version}
+    if ids:
+        run = RunDir(run_dir)
+        run.claim(TRACKERS_FILE)
+        write_json(run_dir / TRACKERS_FILE, ids)
 
 
 def log_final(trackers: list["SafeLogger"], cfg: RunConfig, metrics: dict[str, Any], step: int) -> None:
@@ -87,13 +120,19 @@ def log_final(trackers: list["SafeLogger"], cfg: RunConfig, metrics: dict[str, A
         logger.finalize("success")
 
 
-def _tensorboard(cfg: RunConfig, run_dir: Path, tracking: Tracking, name: str, tags: dict[str, str]) -> Logger:
+def _tensorboard(cfg: RunConfig, run_dir: Path, tracking: Tracking, name: str, tags: dict[str, str],
+                 previous: dict[str, Any]) -> Logger:
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    return TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
+    # tensorboard/version_N: a fresh start takes the next N (nothing of an earlier attempt is deleted), a resumed
+    # run its last one (TensorBoard drops the events past the step a run resumes from)
+    versions = sorted(int(p.name[8:]) for p in (run_dir / "tensorboard").glob("version_*") if p.name[8:].isdigit())
+    version = versions[-1] if previous.get("resume") and versions else None
+    return TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=version, default_hp_metric=False)
 
 
-def _mlflow(cfg: RunConfig, run_dir: Path, tracking: Tracking, name: str, tags: dict[str, str]) -> Logger:
+def _mlflow(cfg: RunConfig, run_dir: Path, tracking: Tracking, name: str, tags: dict[str, str],
+            previous: dict[str, Any]) -> Logger:
     from lightning.pytorch.loggers import MLFlowLogger
 
     for key, value in MLFLOW_HTTP_DEFAULTS.items():  # read by MLflow at each request; the user's settings win
@@ -104,17 +143,26 @@ def _mlflow(cfg: RunConfig, run_dir: Path, tracking: Tracking, name: str, tags: 
         home = Path(tracking.store_dir or run_dir).resolve()
         uri = f"sqlite:///{home / MLFLOW_STORE}"
         artifacts = (home / "mlartifacts").as_uri()
+    before = previous.get("mlflow") or {}
+    run_id = before.get("run_id") if before.get("tracking_uri") == uri else None  # the same store: continue
     return MLFlowLogger(experiment_name=tracking.experiment, run_name=name, tracking_uri=uri, tags=dict(tags),
-                        artifact_location=artifacts)
+                        artifact_location=artifacts, run_id=run_id)
 
 
-def _wandb(cfg: RunConfig, run_dir: Path, tracking: Tracking, name: str, tags: dict[str, str]) -> Logger:
+def _wandb(cfg: RunConfig, run_dir: Path, tracking: Tracking, name: str, tags: dict[str, str],
+           previous: dict[str, Any]) -> Logger:
     from lightning.pytorch.loggers import WandbLogger
 
     # offline unless the user configures W&B (WANDB_MODE=online, or a mode of their choosing)
     offline = "WANDB_MODE" not in os.environ
+    if offline:  # its logs and caches in the run's (or the sweep's) directory, not in ~ (the user's settings win)
+        home = Path(tracking.store_dir or run_dir).resolve() / "wandb"
+        for key, sub in (("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"), ("WANDB_CONFIG_DIR", "config")):
+            os.environ.setdefault(key, str(home / sub))
+    before = (previous.get("wandb") or {}).get("id")
+    resumed = {"id": before, "resume": "allow"} if before else {}
     return WandbLogger(name=name, save_dir=str(run_dir), project=tracking.experiment, offline=offline,
-                       tags=[f"{k}={v}"[:64] for k, v in tags.items()], config={"tags": tags})
+                       tags=[f"{k}={v}"[:64] for k, v in tags.items()], config={"tags": tags}, **resumed)
 
 
 class TrackerLR(LearningRateMonitor):
