@@ -209,6 +209,11 @@ def test_a_missing_extra_is_one_line_and_exit_2_before_the_run(tmp_path, monkeyp
     assert code == 2 and len(err) == 1, err
     assert "--logger mlflow" in err[0] and "pip install 'cqkd[mlflow]'" in err[0]
     assert not out.exists()
+    sweep = _write(tmp_path / "sweep.yaml", {"base": {**TINY, "logger": "mlflow"}, "supervised": {"size": 7}})
+    code = main(["sweep", str(sweep), "--out", str(tmp_path / "grid"), "--quiet"])  # before any worker starts
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "pip install 'cqkd[mlflow]'" in err[0], err
+    assert not (tmp_path / "grid" / "sweep.json").exists()
 
 
 def _write(path: Path, spec: dict) -> Path:

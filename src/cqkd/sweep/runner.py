@@ -20,7 +20,7 @@ from cqkd.sweep.progress import SweepProgress, estimate_left, fmt_duration, summ
 from cqkd.sweep.state import OPEN, SweepDir, assess, join, now, touch
 from cqkd.train.checkpoints import resume_checkpoint
 from cqkd.train.fit import fit_run
-from cqkd.train.trackers import Tracking, tracker_names
+from cqkd.train.trackers import Tracking, check_trackers, init_mlflow_store, tracker_names
 
 STALE_AFTER = 60.0  # seconds without a heartbeat after which a claim is taken over
 EXIT_CLAIM_LOST = 75
@@ -295,6 +295,16 @@ def sweep_tracking(plan: SweepPlan, run: PlannedRun) -> Tracking:
         if eq and key not in tags:
             tags[key] = value
     return Tracking(store_dir=plan.out, experiment=sweep, tags=tags)
+
+
+def prepare_trackers(plan: SweepPlan) -> None:
+    """Before a sweep starts: its runs' trackers installed (one line naming the extra if not) and its
+    local MLflow store created once."""
+    cfgs = [r.cfg for r in plan.runs if r.cfg is not None]
+    for cfg in cfgs:
+        check_trackers(cfg)
+    if any("mlflow" in tracker_names(c) and c.tracking_uri is None for c in cfgs):
+        init_mlflow_store(plan.out, os.path.basename(os.path.abspath(plan.out)))
 
 
 def how_to_start(rd: RunDir, cfg: RunConfig, force: bool) -> dict[str, Any]:

@@ -58,6 +58,21 @@ def check_trackers(cfg: RunConfig) -> None:
                             f"pip install 'cqkd[{name}]'") from None
 
 
+def init_mlflow_store(store_dir: Path, experiment: str) -> None:
+    """Create the local MLflow store in ``store_dir`` and its ``experiment`` once, before a sweep's workers
+    start (so that they do not race to create its tables); a failure is each run's to report."""
+    from mlflow.tracking import MlflowClient  # optional backend: imported only when asked for
+
+    home = Path(store_dir).resolve()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        client = MlflowClient(f"sqlite:///{home / MLFLOW_STORE}")
+        if client.get_experiment_by_name(experiment) is None:
+            client.create_experiment(experiment, artifact_location=(home / "mlartifacts").as_uri())
+    except Exception:  # noqa: BLE001  (the runs report it once each, and go on without MLflow)
+        pass
+
+
 def tracker_params(cfg: RunConfig) -> dict[str, Any]:
     """The run's resolved configuration as a tracker's hyperparameters (None as 'none')."""
     return {k: "none" if v is None else v for k, v in cfg.to_dict().items()}
