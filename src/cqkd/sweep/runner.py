@@ -286,7 +286,8 @@ def _on_lost(held: HeldFile) -> None:
 
 def sweep_tracking(plan: SweepPlan, run: PlannedRun) -> Tracking:
     """A sweep run's place in the trackers: the sweep's MLflow store and experiment (its directory's
-    name), tagged with the sweep, the group and each key of its grid point (read from its name)."""
+    name), tagged with the sweep, the group, each key of its grid point (read from its name), its
+    model and size."""
     sweep = os.path.basename(os.path.abspath(plan.out))
     point = run.name.partition("/")[2]
     tags = {"run": run.name, "sweep": sweep, "group": run.group}
@@ -294,6 +295,11 @@ def sweep_tracking(plan: SweepPlan, run: PlannedRun) -> Tracking:
         key, eq, value = part.partition("=")
         if eq and key not in tags:
             tags[key] = value
+    if run.group == "teachers":  # "teachers/NAME": a teacher's grid point is its name
+        tags["teacher"] = point
+    if run.cfg is not None:
+        tags.setdefault("model", run.cfg.model)
+        tags.setdefault("size", str(run.cfg.degradation_spec().size))
     return Tracking(store_dir=plan.out, experiment=sweep, tags=tags)
 
 

@@ -109,7 +109,8 @@ def make_trainer(cfg: RunConfig, run_dir: Path | None, progress: bool = True,
         callbacks.append(ModelCheckpoint(dirpath=Path(run_dir).resolve() / "checkpoints", filename="best",
                                          monitor="val/top1", mode="max", save_last=True,
                                          auto_insert_metric_name=False, enable_version_counter=False))
-        trackers = make_trackers(cfg, Path(run_dir), tracking, resume=resume_step is not None)
+        # the trackers live in the process that owns the run directory (their loggers log from rank 0 only)
+        trackers = make_trackers(cfg, Path(run_dir), tracking, resume=resume_step is not None) if is_rank_zero() else []
         logger = [make_csv_logger(Path(run_dir), keep_before_step=resume_step), *trackers]
         if trackers:  # the learning rate goes to the trackers only: metrics.csv keeps its columns
             callbacks.append(TrackerLR(trackers))

@@ -119,9 +119,11 @@ def _save_ids(run_dir: Path, trackers: list["SafeLogger"]) -> None:
         elif logger.tracker == "wandb" and inner is not None and logger.failed is None:
             ids["wandb"] = {"id": logger.version}
     if ids:
-        run = RunDir(run_dir)
-        run.claim(TRACKERS_FILE)
-        write_json(run_dir / TRACKERS_FILE, ids)
+        try:
+            RunDir(run_dir).claim(TRACKERS_FILE)
+            write_json(run_dir / TRACKERS_FILE, ids)
+        except CqkdError as e:  # only a resumed run's continuity is lost
+            print(f"cqkd: warning: {e}; a resumed run will start new tracker runs", file=sys.stderr, flush=True)
 
 
 def log_final(trackers: list["SafeLogger"], cfg: RunConfig, metrics: dict[str, Any], step: int) -> None:
