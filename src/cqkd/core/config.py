@@ -205,7 +205,7 @@ class RunConfig:
         names = [n.strip() for n in self.logger.split(",")]
         if not all(n in LOGGERS for n in names):
             raise bad("logger", f"must be one or more of {', '.join(LOGGERS)}, comma-separated")
-        self.logger = ",".join(dict.fromkeys(n for n in ["csv", *names]))
+        self.logger = ",".join(dict.fromkeys(["csv", *names]))
         if self.val_size is not None and self.val_size < 1:
             raise bad("val_size", "must be at least 1")
         if self.kind == "distill" and not self.teacher and not self.teacher_weights:
@@ -236,7 +236,8 @@ class RunConfig:
             raise bad("ece_bins", f"must be at most {MAX_BINS}")
         if self.crop_size > MAX_CROP:
             raise bad("crop_size", f"must be at most {MAX_CROP}")
-        for key in ("data_dir", "teacher", "teacher_model", "teacher_weights", "degradation", "augment", "tracking_uri"):
+        for key in ("data_dir", "teacher", "teacher_model", "teacher_weights", "degradation", "augment",
+                    "tracking_uri"):
             value = getattr(self, key)
             if isinstance(value, str) and ("\x00" in value or len(value) > 4096):
                 raise bad(key, "is not a usable path or name (a NUL byte, or longer than 4096 characters)")
