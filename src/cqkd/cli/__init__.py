@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _quiet_libraries() -> None:
     """Keep Lightning's banners and known-harmless warnings out of the user's terminal."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not its database set-up notes (read when imported)
+    logging.getLogger("lightning.pytorch.loggers.mlflow").setLevel(logging.ERROR)  # "experiment not found, creating"
     for pattern in (".*LeafSpec.*", ".*does not have many workers.*", ".*Experiment logs directory.*",
                     ".*exists and is not empty.*", ".*litlogger.*",
                     r".*module\(s\) in eval mode.*", ".*smaller than the logging interval.*"):

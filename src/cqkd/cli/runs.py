@@ -37,6 +37,8 @@ def _add_run_options(p: argparse.ArgumentParser, distill: bool) -> None:
             kwargs.update(metavar=meta["metavar"], choices=meta["choices"])
             if hints[f.name] in (int, float):
                 kwargs["type"] = hints[f.name]
+            if f.name == "logger":  # --logger tensorboard --logger mlflow == --logger tensorboard,mlflow
+                kwargs["action"] = "append"
         groups[meta["group"]].add_argument("--" + f.name.replace("_", "-"), help=help_text, **kwargs)
     g = groups["output"]
     g.add_argument("--config", metavar="YAML", help="start from this configuration (a run's config.yaml works); options override it")
@@ -72,7 +74,7 @@ def _config_from_args(args: argparse.Namespace, kind: str):
         loaded = read_yaml(args.config, name=where, what="a mapping of options")
         _check_config_keys(loaded, where)
         raw.update(loaded)
-    raw.update({k: v for k, v in vars(args).items() if k not in _NOT_CONFIG})
+    raw.update({k: ",".join(v) if k == "logger" else v for k, v in vars(args).items() if k not in _NOT_CONFIG})
     raw["kind"] = kind
     teacher = raw.get("teacher")
     if kind == "distill" and isinstance(teacher, str) and teacher and "\x00" not in teacher:

@@ -138,12 +138,14 @@ def sweep_status_table(out: str, stale_after: float | None = None) -> None:
     console.print(escape(f"sweep {out}: {s['total']} runs: {counts}{waiting}"), soft_wrap=True)
     if s["running"]:
         table = Table(title="running", show_header=True)
-        for name in ("run", "worker", "heartbeat", "started"):
+        for name in ("run", "worker", "heartbeat", "started", "epoch", "val top-1"):
             table.add_column(name, overflow="fold")
         for r in s["running"]:
             beat = "no claim" if r["heartbeat_s"] is None else f"{r['heartbeat_s']:.0f} s ago"
+            epoch = "" if r["epoch"] is None else f"{r['epoch']}/{r['epochs'] or '?'}"
+            top1 = "" if r["val_top1"] is None else f"{r['val_top1']:.4f}"
             table.add_row(escape(r["run"]), r["worker"], beat + (" [red](stale)[/red]" if r["stale"] else ""),
-                          r["started"] or "")
+                          r["started"] or "", epoch, top1)
         console.print(table)
     if s["workers"]:
         table = Table(title="workers", show_header=True)

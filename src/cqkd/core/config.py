@@ -25,6 +25,7 @@ TEACHER_CALIBRATION = ("none", "temperature")
 TEACHER_CACHE = ("auto", "off")
 PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "64", "64-true")
 RESIZE_MODES = ("bilinear", "bicubic", "area", "nearest")
+LOGGERS = ("csv", "tensorboard", "mlflow", "wandb")  # metrics.csv is always written; the others are trackers
 GROUPS = ("data and views", "model and optimisation", "distillation", "hardware (passed to Lightning)", "output")
 
 
@@ -111,6 +112,10 @@ class RunConfig:
     num_workers: int = option(0, "DataLoader workers", H)
     checkpoint_every_n_steps: int = option(200, "write a resumable checkpoint every N optimizer steps, 0 = epoch "
                                                 "ends only", O, metavar="N")
+    logger: str = option("csv", "where the run logs its curves besides metrics.csv: csv, tensorboard, mlflow, wandb "
+                                "(comma-separated or repeated; see docs/trackers.md)", O, metavar="NAMES")
+    tracking_uri: str | None = option(None, "mlflow: the tracking server or store (default: mlflow.db in the run's "
+                                            "or the sweep's directory)", O, metavar="URI")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -137,7 +142,7 @@ class RunConfig:
         Fields added after a release enter the hash only when set away from their default
         (``LATE_FIELDS``), so that runs written before keep their digest."""
         ignore = {"accelerator", "devices", "num_workers", "data_dir", "num_nodes", "strategy",
-                  "checkpoint_every_n_steps", "teacher_cache", "teacher_compile"}
+                  "checkpoint_every_n_steps", "teacher_cache", "teacher_compile", "logger", "tracking_uri"}
         defaults = {f.name: f.default for f in fields(self)}
         payload = {k: v for k, v in self.to_dict().items()
                    if k not in ignore and not (k in LATE_FIELDS and v == defaults[k])}
@@ -205,6 +210,10 @@ class RunConfig:
             raise bad("checkpoint_every_n_steps", "must be >= 0 (0 = checkpoint at epoch ends only)")
         if self.crop_size < 1:
             raise bad("crop_size", "must be at least 1")
+        names = [n.strip() for n in self.logger.split(",")]
+        if not all(n in LOGGERS for n in names):
+            raise bad("logger", f"must be one or more of {', '.join(LOGGERS)}, comma-separated")
+        self.logger = ",".join(dict.fromkeys(["csv", *names]))
         if self.val_size is not None and self.val_size < 1:
             raise bad("val_size", "must be at least 1")
         if self.kind == "distill" and not self.teacher and not self.teacher_weights:
@@ -239,7 +248,8 @@ class RunConfig:
             raise bad("ece_bins", f"must be at most {MAX_BINS}")
         if self.crop_size > MAX_CROP:
             raise bad("crop_size", f"must be at most {MAX_CROP}")
-        for key in ("data_dir", "teacher", "teacher_model", "teacher_weights", "degradation", "augment", "method"):
+        for key in ("data_dir", "teacher", "teacher_model", "teacher_weights", "degradation", "augment", "method",
+                    "tracking_uri"):
             value = getattr(self, key)
             if isinstance(value, str) and ("\x00" in value or len(value) > 4096):
                 raise bad(key, "is not a usable path or name (a NUL byte, or longer than 4096 characters)")

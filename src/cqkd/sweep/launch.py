@@ -19,7 +19,7 @@ from cqkd.errors import CqkdError
 from cqkd.sweep.claims import host
 from cqkd.sweep.plan import SweepPlan, plan_sweep
 from cqkd.sweep.progress import SweepProgress, summary
-from cqkd.sweep.runner import STALE_AFTER, run_sweep
+from cqkd.sweep.runner import STALE_AFTER, prepare_trackers, run_sweep
 from cqkd.sweep.state import SweepDir
 
 LAUNCHERS = ("local", "ray")
@@ -50,6 +50,7 @@ def launch(plan: SweepPlan, workers: int | None = None, launcher: str = "local",
         raise CqkdError("--address names a Ray cluster: give it with --launcher ray")
     if dry_run:
         return 0 if run_sweep(plan, force, dry_run=True).ok else 1
+    prepare_trackers(plan)
     if launcher == "ray":
         return launch_ray(plan, workers, threads, devices_per_worker, address, force, stale_after, progress)
     if workers is None:

@@ -30,6 +30,7 @@ from cqkd.sweep.state import (
 )
 from cqkd.train.checkpoints import resume_checkpoint
 from cqkd.train.fit import fit_run
+from cqkd.train.trackers import Tracking, check_trackers, init_mlflow_store, tracker_names
 
 STALE_AFTER = 60.0  # seconds without a heartbeat after which a claim is taken over
 EXIT_CLAIM_LOST = 75
@@ -252,6 +253,8 @@ class Worker:
         how = how_to_start(rd, run.cfg, self.force and not job.continuing)
         if how.get("note"):
             self.say(f"{run.name}: {how.pop('note')}")
+        if tracker_names(run.cfg):
+            how["tracking"] = sweep_tracking(self.plan, run)
         t0 = time.time()
         try:
             metrics = self.fit(run.cfg, run.path, progress=self.display is not None and self.display.enabled, **how)
@@ -294,6 +297,35 @@ def _on_lost(held: HeldFile) -> None:
         print(f"cqkd: another worker took over {held.info['claim']} (this worker's heartbeat was too old); "
               "stopping so that one process writes the run", file=sys.stderr, flush=True)
         os._exit(EXIT_CLAIM_LOST)
+
+
+def sweep_tracking(plan: SweepPlan, run: PlannedRun) -> Tracking:
+    """A sweep run's place in the trackers: the sweep's MLflow store and experiment (its directory's
+    name), tagged with the sweep, the group, each key of its grid point (read from its name), its
+    model and size."""
+    sweep = os.path.basename(os.path.abspath(plan.out))
+    point = run.name.partition("/")[2]
+    tags = {"run": run.name, "sweep": sweep, "group": run.group}
+    for part in point.split(","):
+        key, eq, value = part.partition("=")
+        if eq and key not in tags:
+            tags[key] = value
+    if run.group == "teachers":  # "teachers/NAME": a teacher's grid point is its name
+        tags["teacher"] = point
+    if run.cfg is not None:
+        tags.setdefault("model", run.cfg.model)
+        tags.setdefault("size", str(run.cfg.degradation_spec().size))
+    return Tracking(store_dir=plan.out, experiment=sweep, tags=tags)
+
+
+def prepare_trackers(plan: SweepPlan) -> None:
+    """Before a sweep starts: its runs' trackers installed (one line naming the extra if not) and its
+    local MLflow store created once."""
+    cfgs = [r.cfg for r in plan.runs if r.cfg is not None]
+    for cfg in cfgs:
+        check_trackers(cfg)
+    if any("mlflow" in tracker_names(c) and c.tracking_uri is None for c in cfgs):
+        init_mlflow_store(plan.out, os.path.basename(os.path.abspath(plan.out)))
 
 
 def how_to_start(rd: RunDir, cfg: RunConfig, force: bool) -> dict[str, Any]:

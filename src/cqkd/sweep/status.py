@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from cqkd.errors import CqkdError
@@ -31,7 +33,8 @@ def sweep_status(out: str | os.PathLike, stale_after: float) -> dict[str, Any]:
         claim = read_held(sd.claim_file(name)) or {}
         running.append({"run": name, "worker": f"{claim.get('host', '?')}:{claim.get('pid', '?')}",
                         "heartbeat_s": age(claim) if claim else None, "started": runs[name].get("started"),
-                        "stale": not claim or age(claim) >= stale_after})
+                        "stale": not claim or age(claim) >= stale_after,
+                        **latest_epoch(Path(out) / name, runs[name].get("config") or {})})
     workers = []
     for f in sorted(sd.workers.glob("*.json")) if sd.workers.is_dir() else []:
         info = read_held(f)
@@ -42,3 +45,18 @@ def sweep_status(out: str | os.PathLike, stale_after: float) -> dict[str, Any]:
             "waiting": sum(waits(item) for item in plan), "workers": workers,
             "failed": {n: runs[n].get("error") for n, s in states.items() if s == "failed"},
             "total_wall_s": state.get("total_wall_s")}
+
+
+def latest_epoch(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """A running run's last validated epoch (1-based, of ``config['epochs']``) and its val top-1, read from
+    its metrics.csv; None for both before its first validation (or if the file cannot be read)."""
+    epoch = top1 = None
+    try:
+        with open(run_dir / "metrics.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("val/top1") not in (None, "") and row.get("epoch") not in (None, ""):
+                    epoch, top1 = int(float(row["epoch"])) + 1, float(row["val/top1"])
+    except (OSError, ValueError, csv.Error):
+        pass
+    epochs = config.get("epochs") if isinstance(config.get("epochs"), int) else None
+    return {"epoch": epoch, "epochs": epochs, "val_top1": top1}

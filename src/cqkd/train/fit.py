@@ -42,6 +42,7 @@ from cqkd.train.setup import (
     load_splits,
     make_trainer,
 )
+from cqkd.train.trackers import SafeLogger, Tracking, check_trackers, log_final
 
 
 def prepare(cfg: RunConfig, trained_t_cal: float | None = None) -> tuple[Splits, nn.Module, Teacher | None]:
@@ -94,15 +95,17 @@ def check_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, resum
         run.check_out(force, resume)
     check_hardware(cfg)
     check_data_dir(cfg.data_dir)
+    check_trackers(cfg)
 
 
 def fit_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, progress: bool = True,
-            resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+            resume: bool = False, quiet: bool = False, tracking: Tracking | None = None) -> dict[str, Any]:
     """Train (supervised or CQKD) as configured, writing the run directory ``out``.
 
     With ``resume``, continue the interrupted run in ``out`` from its most advanced checkpoint
     (see ``cqkd.train.checkpoints``); its stored configuration must match ``cfg``. The process
     holds the run's lock (``cqkd.core.lock``) from the moment it writes there until it returns.
+    ``tracking`` names, tags and places the run in the trackers of ``cfg.logger`` (a sweep passes it).
     Returns the metrics written to ``metrics.json``. ``quiet``: no Lightning banners.
     """
     check_run(cfg, out, force, resume)
@@ -112,18 +115,19 @@ def fit_run(cfg: RunConfig, out: str | os.PathLike, force: bool = False, progres
     if ckpt_path is not None and teacher is not None:
         check_teacher(ckpt_path, teacher.digest, teacher.path)
     if not is_rank_zero():
-        return _fit(run, cfg, splits, model, teacher, ckpt_path, progress, resume, quiet)
+        return _fit(run, cfg, splits, model, teacher, ckpt_path, progress, resume, quiet, tracking)
     run.prepare(cfg, force=force, resume=resume)
     try:
         if resume and ckpt_path is None:
             print(f"cqkd: {out} has no checkpoint yet; starting it from the beginning", file=sys.stderr)
-        return _fit(run, cfg, splits, model, teacher, ckpt_path, progress, resume, quiet)
+        return _fit(run, cfg, splits, model, teacher, ckpt_path, progress, resume, quiet, tracking)
     finally:
         run.release()
 
 
 def _fit(run: RunDir, cfg: RunConfig, splits: Splits, model: nn.Module, teacher: Teacher | None,
-         ckpt_path: Path | None, progress: bool, resume: bool, quiet: bool = False) -> dict[str, Any]:
+         ckpt_path: Path | None, progress: bool, resume: bool, quiet: bool = False,
+         tracking: Tracking | None = None) -> dict[str, Any]:
     """Fit, test and save a prepared run; mark it failed (with the reason) if that does not end."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -140,7 +144,8 @@ def _fit(run: RunDir, cfg: RunConfig, splits: Splits, model: nn.Module, teacher:
                                        drop_last=len(splits.train) > cfg.batch_size, seed=cfg.seed, pin_memory=pin)
             guard.train_generator = shuffle_generator(train_loader)
             trainer = make_trainer(cfg, run.path, progress, extra_callbacks=[guard], quiet=quiet,
-                                   resume_step=checkpoint_step(ckpt_path) if ckpt_path else None)
+                                   resume_step=checkpoint_step(ckpt_path) if ckpt_path else None,
+                                   tracking=tracking)
             val_loader = make_loader(splits.val, eval_batch, shuffle=False, num_workers=cfg.num_workers,
                                      pin_memory=pin)
             trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
@@ -163,6 +168,8 @@ def _fit(run: RunDir, cfg: RunConfig, splits: Splits, model: nn.Module, teacher:
                 module.save_teacher_memo()
                 for name in ("step.ckpt", "interrupted.ckpt"):  # only needed to resume; keep last and best
                     (run.checkpoint_dir / name).unlink(missing_ok=True)
+                log_final([lg for lg in trainer.loggers if isinstance(lg, SafeLogger)], cfg, metrics,
+                          trainer.global_step)
             return metrics
         except RunInterrupted as e:
             step = e.step if e.step is not None else (trainer.global_step if trainer is not None else 0)

@@ -18,6 +18,7 @@ from cqkd.errors import CqkdError
 from cqkd.nets.registry import build_model
 from cqkd.train.checkpoints import AtomicCheckpointIO
 from cqkd.train.progress import EpochProgress, make_csv_logger
+from cqkd.train.trackers import Tracking, TrackerLR, make_trackers
 
 MAX_DEVICES = 1024
 
@@ -93,9 +94,10 @@ def is_rank_zero() -> bool:
 
 def make_trainer(cfg: RunConfig, run_dir: Path | None, progress: bool = True,
                  extra_callbacks: list[Any] | None = None, resume_step: int | None = None,
-                 quiet: bool = False, **overrides: Any) -> L.Trainer:
-    """A Lightning Trainer for ``cfg``, with checkpoints, CSV log and progress in ``run_dir`` if given;
-    ``quiet`` keeps Lightning's informational banners out of the terminal (from then on, in this process)."""
+                 tracking: Tracking | None = None, quiet: bool = False, **overrides: Any) -> L.Trainer:
+    """A Lightning Trainer for ``cfg``, with checkpoints, CSV log, the trackers ``cfg.logger`` asks for
+    (named and placed by ``tracking``) and progress in ``run_dir`` if given; ``quiet`` keeps Lightning's
+    informational banners out of the terminal (from then on, in this process)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     if quiet:
@@ -108,7 +110,11 @@ def make_trainer(cfg: RunConfig, run_dir: Path | None, progress: bool = True,
         callbacks.append(ModelCheckpoint(dirpath=Path(run_dir).resolve() / "checkpoints", filename="best",
                                          monitor="val/top1", mode="max", save_last=True,
                                          auto_insert_metric_name=False, enable_version_counter=False))
-        logger = make_csv_logger(Path(run_dir), keep_before_step=resume_step)
+        # the trackers live in the process that owns the run directory (their loggers log from rank 0 only)
+        trackers = make_trackers(cfg, Path(run_dir), tracking, resume=resume_step is not None) if is_rank_zero() else []
+        logger = [make_csv_logger(Path(run_dir), keep_before_step=resume_step), *trackers]
+        if trackers:  # the learning rate goes to the trackers only: metrics.csv keeps its columns
+            callbacks.append(TrackerLR(trackers))
     callbacks.extend(extra_callbacks or [])
     if progress and run_dir is not None:
         callbacks.append(EpochProgress(Path(run_dir).name or str(run_dir)))
