@@ -7,6 +7,7 @@ exit code 2 (argparse does the same for malformed options).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import signal
