@@ -19,8 +19,11 @@ and loss, it times one training epoch of
 
 Every run is a fresh process (``--worker``); the six contenders are interleaved (alternating
 order) and repeated (``--reps``). The timed span of an epoch runs from its first batch being
-fetched to its last optimiser step. Printed per size: median seconds per epoch, the median of
-the per-pair ratios ``cqkd/bare`` (runs made back to back), the share of the bare epoch spent in
+fetched to its last optimiser step, in wall seconds and in CPU seconds of the process
+(``time.process_time``; with one thread the CPU time is the work done, and it is much less
+disturbed than wall time when other jobs share the machine). Printed per size: median seconds per
+epoch, the median of the per-pair ratios ``cqkd/bare`` (runs made back to back; CPU and wall), the
+share of the bare epoch spent in
 the student's forward+backward (forward, loss, backward; timed in the bare loop), the
 teacher's share in ``bare online``, and each contender's peak resident memory (``ru_maxrss``
 of the child). ``--profile MODE`` instead runs one cqkd epoch of MODE under cProfile and prints
@@ -37,6 +40,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -131,7 +135,7 @@ def run_bare(setup: dict, mode: str) -> dict:
     order_g = torch.Generator().manual_seed(cfg.seed)
     fb = teacher_s = 0.0
     step = 0
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(cfg.epochs):
         perm = torch.randperm(n, generator=order_g)
         for s in range(steps_per_epoch):
@@ -142,16 +146,16 @@ def run_bare(setup: dict, mode: str) -> dict:
             x_hr = to_float(apply_views(x, bank.params(idx, which)))
             z_t = None
             if teacher is not None:
-                t0 = time.perf_counter()
+                t0 = time.process_time()
                 with torch.inference_mode():
                     xt = upsample_to(x_hr, t.input_size)
                     z_t = teacher(((xt - t_mean) / t_std).contiguous(memory_format=torch.channels_last)).float()
                 z_t = z_t.clone()
-                teacher_s += time.perf_counter() - t0
+                teacher_s += time.process_time() - t0
             elif z_cache is not None:
                 z_t = z_cache[idx * bank.k + which]
             x_lr = (degrade(x_hr, g) - mean) / std
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             z_s = model(x_lr)
             ce = F.cross_entropy(z_s, y)
             if z_t is None:
@@ -162,14 +166,15 @@ def run_bare(setup: dict, mode: str) -> dict:
                 loss = (1 - alpha) * ce + alpha * T * T * kl
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            fb += time.perf_counter() - t0
+            fb += time.process_time() - t0
             opt.step()
             sched.step()
             step += 1
-    seconds = time.perf_counter() - start
+    seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     if not torch.isfinite(loss):
         raise SystemExit("limit: the bare loop diverged")
-    return {"seconds": seconds, "steps": step, "fb_s": fb, "teacher_s": teacher_s, "rss_mib": peak_rss_mib()}
+    return {"seconds": seconds, "cpu_s": cpu_s, "steps": step, "fb_s": fb, "teacher_s": teacher_s,
+            "rss_mib": peak_rss_mib()}
 
 
 def cfg_views(cfg):
@@ -192,8 +197,8 @@ def run_cqkd(setup: dict, mode: str, out: Path, profile: bool = False) -> dict:
         with ``profiler``, that span alone is profiled."""
 
         def __init__(self, profiler=None) -> None:
-            self.seconds = 0.0
-            self.start = self.end = 0.0
+            self.seconds = self.cpu_s = 0.0
+            self.start = self.end = self.cpu_start = self.cpu_end = 0.0
             self.steps = 0
             self.profiler = profiler
 
@@ -201,15 +206,17 @@ def run_cqkd(setup: dict, mode: str, out: Path, profile: bool = False) -> dict:
             if self.profiler is not None:
                 self.profiler.enable()
             self.start = self.end = time.perf_counter()
+            self.cpu_start = self.cpu_end = time.process_time()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.end = time.perf_counter()
+            self.end, self.cpu_end = time.perf_counter(), time.process_time()
             self.steps += 1
 
         def on_train_epoch_end(self, trainer, pl_module) -> None:
             if self.profiler is not None:
                 self.profiler.disable()
             self.seconds += self.end - self.start
+            self.cpu_s += self.cpu_end - self.cpu_start
 
     profiler = None
     if profile:
@@ -235,7 +242,7 @@ def run_cqkd(setup: dict, mode: str, out: Path, profile: bool = False) -> dict:
     expected = {"supervised": None, "cached": "cache", "online": "online"}[mode]
     if source != expected:
         raise SystemExit(f"limit: the {mode} run's teacher source is {source!r}, not {expected!r}")
-    return {"seconds": timer.seconds, "steps": timer.steps, "rss_mib": peak_rss_mib(), "top1": metrics["top1"]}
+    return {"seconds": timer.seconds, "cpu_s": timer.cpu_s, "steps": timer.steps, "rss_mib": peak_rss_mib(), "top1": metrics["top1"]}
 
 
 # ---------------------------------------------------------------------- driver
@@ -278,23 +285,31 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def report(size: int, results: dict[str, list[dict]], reps: int) -> None:
+    """Per contender: median wall and CPU seconds per epoch, each repetition, peak RSS; then the ratios."""
     med = statistics.median
-    print(f"\n{size} px: seconds per training epoch, median of {reps} (each repetition), peak RSS")
+    print(f"\n{size} px: one training epoch, median of {reps}: wall s, CPU s (each repetition's CPU s), peak RSS")
     for name, runs in results.items():
-        secs = [r["seconds"] for r in runs]
-        print(f"  {name:>12} {med(secs):7.2f} s   " + " ".join(f"{v:.2f}" for v in secs)
-              + f"   {med(r['rss_mib'] for r in runs):6.0f} MiB")
-    for mode in CQKD_MODES:
-        pairs = [c["seconds"] / b["seconds"] for c, b in zip(results[mode], results[BARE[mode]])]
-        print(f"  cqkd/bare {mode:>10}: {med(pairs):.3f}x  (pairs: " + " ".join(f"{p:.3f}" for p in pairs) + ")")
-    sup = results["bare sup"]
-    share = med(r["fb_s"] / r["seconds"] for r in sup)
-    print(f"  student forward+backward: {100 * share:.0f}% of the bare supervised epoch; "
-          f"{100 * med(r['fb_s'] / c['seconds'] for r, c in zip(sup, results['supervised'])):.0f}% of cqkd's")
-    online = results["bare online"]
-    print(f"  teacher forward: {100 * med(r['teacher_s'] / r['seconds'] for r in online):.0f}% of the bare online "
-          f"epoch; cqkd online / (bare sup + teacher): "
-          f"{med(c['seconds'] / (s['seconds'] + o['teacher_s']) for c, s, o in zip(results['online'], sup, online)):.3f}x")
+        print(f"  {name:>12} {med(r['seconds'] for r in runs):7.2f} {med(r['cpu_s'] for r in runs):7.2f}   ("
+              + " ".join(f"{r['cpu_s']:.2f}" for r in runs) + f")   {med(r['rss_mib'] for r in runs):5.0f} MiB")
+    for mode in (m for m in CQKD_MODES if m in results):
+        print(f"  cqkd/bare {mode:>10}: " + ratios(results[mode], results[BARE[mode]]))
+    if "supervised" in results:
+        sup = results["bare sup"]
+        print(f"  student forward+backward (CPU): {100 * med(r['fb_s'] / r['cpu_s'] for r in sup):.0f}% of the bare "
+              f"supervised epoch, {100 * med(r['fb_s'] / c['cpu_s'] for r, c in zip(sup, results['supervised'])):.0f}%"
+              " of cqkd's")
+    if "online" in results:
+        online = results["bare online"]
+        print(f"  teacher forward (CPU): {100 * med(r['teacher_s'] / r['cpu_s'] for r in online):.0f}% of the bare "
+              "online epoch")
+
+
+def ratios(cqkd: list[dict], bare: list[dict]) -> str:
+    """Medians of the per-pair ratios cqkd/bare, of CPU and of wall seconds, with the CPU pairs."""
+    cpu = [c["cpu_s"] / b["cpu_s"] for c, b in zip(cqkd, bare)]
+    wall = [c["seconds"] / b["seconds"] for c, b in zip(cqkd, bare)]
+    return (f"CPU {statistics.median(cpu):.3f}x (pairs " + " ".join(f"{q:.3f}" for q in cpu)
+            + f"), wall {statistics.median(wall):.3f}x")
 
 
 def main() -> None:
@@ -341,13 +356,8 @@ def main() -> None:
             for name in (contenders if rep % 2 == 0 else list(reversed(contenders))):
                 results[name].append(run_child(setup_file, name, args.threads))
         print(f"load average after {size} px: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-        if set(args.modes) == set(CQKD_MODES):
-            report(size, results, args.reps)
-        else:
-            for mode in args.modes:
-                pairs = [c["seconds"] / b["seconds"] for c, b in zip(results[mode], results[BARE[mode]])]
-                print(f"  {size} px cqkd/bare {mode}: {statistics.median(pairs):.3f}x (pairs: "
-                      + " ".join(f"{q:.3f}" for q in pairs) + ")")
+        report(size, results, args.reps)
+    shutil.rmtree(tmp, ignore_errors=True)  # this script's own runs (and teacher, unless --teacher)
 
 
 if __name__ == "__main__":
