@@ -222,6 +222,21 @@ def test_apply_views_matches_the_pixel_definition(splits):
         assert torch.equal(out[i], naive_view(x[i], *params[i].tolist())), params[i]
 
 
+def test_apply_views_matches_the_pixel_definition_for_every_view():
+    # every view of flip,translate=2 (50) on a 3-channel, non-square batch, uint8 and float:
+    # the one-gather implementation must move exactly the pixels naive_view moves
+    views = ViewSpec(flip=True, translate=2).enumerate()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (len(views), 3, 5, 7), generator=g, dtype=torch.uint8)
+    for batch in (x, x.float() / 255):
+        out = apply_views(batch, views)
+        assert out.dtype == batch.dtype and out.shape == batch.shape
+        for i in range(len(views)):
+            assert torch.equal(out[i], naive_view(batch[i], *views[i].tolist())), views[i]
+    flips_only = torch.tensor([[1, 0, 0], [0, 0, 0]])  # no shift: the flip alone
+    assert torch.equal(apply_views(x[:2], flips_only), torch.stack([x[0].flip(-1), x[1]]))
+
+
 def test_view_bank_is_reproducible_distinct_and_complete():
     spec = ViewSpec(flip=True, translate=2)
     a, b = ViewBank(spec, 100, 8, seed=0), ViewBank(spec, 100, 8, seed=0)

@@ -95,21 +95,23 @@ def apply_views(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """Apply per-image (flip, dx, dy) to a batch (N, C, H, W) of any dtype, on its device.
 
     A positive dx moves the content right, a positive dy moves it down; uncovered pixels are 0.
+    The flip comes first: ``out[r, c] = src[r - dy, c - dx]`` with ``src`` the (flipped) image.
     """
     params = params.to(x.device)
     flip = params[:, 0].bool()
-    if flip.any():
-        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
     shift = params[:, 1:]
     t = int(shift.abs().max()) if shift.numel() else 0
     if t == 0:
-        return x
+        return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x) if flip.any() else x
+    # one gather from the zero-padded batch: source row r - dy + t, and source column c - dx + t,
+    # or (flipped) w - 1 - (c - dx) + t; a shift of at most t stays inside the padding
     n, c, h, w = x.shape
-    padded = F.pad(x, (t, t, t, t))
+    padded = F.pad(x, (t, t, t, t)).flatten(2)  # (N, C, (H+2t)(W+2t))
     rows = torch.arange(h, device=x.device).view(1, h) + t - shift[:, 1:2]  # (N, H)
-    cols = torch.arange(w, device=x.device).view(1, w) + t - shift[:, 0:1]  # (N, W)
-    out = padded.gather(2, rows.view(n, 1, h, 1).expand(n, c, h, w + 2 * t))
-    return out.gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))
+    cols = torch.arange(w, device=x.device).view(1, w) - shift[:, 0:1]  # (N, W): c - dx
+    cols = torch.where(flip.view(-1, 1), w - 1 - cols, cols) + t
+    index = (rows.unsqueeze(2) * (w + 2 * t) + cols.unsqueeze(1)).view(n, 1, h * w)
+    return padded.gather(2, index.expand(n, c, h * w)).view(n, c, h, w)
 
 
 def step_generator(seed: int, step: int, rank: int = 0, stream: int = 0) -> torch.Generator:
