@@ -116,6 +116,8 @@ class CQKDModule(L.LightningModule):
         self.strict_loading = True  # the teacher's weights are put back in on_load_checkpoint
         self.val_top1 = torchmetrics.MeanMetric()
         self.val_nll = torchmetrics.MeanMetric()
+        self._train_sums: dict[str, torch.Tensor] = {}  # the loss terms summed over the epoch's batches
+        self._train_count = 0
         self._test_outputs: list[dict[str, torch.Tensor]] = []
         self.test_results: dict[str, torch.Tensor] = {}
 
@@ -234,9 +236,32 @@ class CQKDModule(L.LightningModule):
             terms = method.loss(student, teacher, y, Progress(epoch))
         if not torch.isfinite(terms["loss"]):
             raise FloatingPointError(f"the loss became {terms['loss'].item()} at step {self.global_step}")
-        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, on_step=False, on_epoch=True,
-                      prog_bar=False, batch_size=len(y))
+        self._add_terms(terms, len(y))
+        if batch_idx + 1 == self.trainer.num_training_batches:
+            self._log_terms()
         return terms["loss"]
+
+    # Lightning's self.log costs ~1-6 ms per call on CPU (it moves its result metric and inspects the step's
+    # signature; benchmarks/limit.py): the epoch means of the loss terms are summed here and logged once,
+    # at the epoch's last batch (before the callbacks' epoch-end hooks, which print them), or at the
+    # epoch's end where a run stops early. A run resumed mid-epoch averages the steps after the resume.
+    def _add_terms(self, terms: dict[str, torch.Tensor], n: int) -> None:
+        for k, v in terms.items():
+            v = v.detach() * n
+            self._train_sums[k] = self._train_sums[k] + v if k in self._train_sums else v
+        self._train_count += n
+
+    def _log_terms(self) -> None:
+        if self._train_count:
+            self.log_dict({f"train/{k}": v / self._train_count for k, v in self._train_sums.items()},
+                          on_step=False, on_epoch=True, prog_bar=False, batch_size=self._train_count)
+        self._train_sums, self._train_count = {}, 0
+
+    def on_train_epoch_start(self) -> None:
+        self._train_sums, self._train_count = {}, 0
+
+    def on_train_epoch_end(self) -> None:
+        self._log_terms()  # only where the epoch stopped before its last batch
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y, _ = batch
