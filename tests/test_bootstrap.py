@@ -98,3 +98,14 @@ def test_evaluate_and_the_study_share_one_engine() -> None:
     rows = torch.cat(list(B.bootstrap_indices(5, 200, seed=3)))
     weights = np.stack([np.bincount(r.numpy(), minlength=200) for r in rows])
     np.testing.assert_allclose(reps["ece"].numpy(), B.metric_values("ece", run, weights), atol=1e-12)
+
+
+def test_the_study_takes_each_runs_bin_count(tmp_path) -> None:
+    # from the report row, else the run's metrics.json, else the default 15
+    from cqkd.analysis.findings import _ece_bins
+    from cqkd.core.io import write_json
+
+    assert _ece_bins({"path": str(tmp_path), "ece_bins": 10}) == 10
+    assert _ece_bins({"path": str(tmp_path)}) == 15  # nothing to read: the default
+    write_json(tmp_path / "metrics.json", {"ece_bins": 20})
+    assert _ece_bins({"path": str(tmp_path), "ece_bins": ""}) == 20

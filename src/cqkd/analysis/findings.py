@@ -152,16 +152,26 @@ def supervised_for(rows: list[dict[str, Any]], size: int, model: str | None = No
 
 
 def _per_image(row: dict[str, Any]) -> stats.PerImage:
-    """The per-test-image values of a finished run (from its saved test logits)."""
-    return _per_image_at(str(row["path"]))
+    """The per-test-image values of a finished run (from its saved test logits), with its own ECE bins."""
+    return _per_image_at(str(row["path"]), _ece_bins(row))
+
+
+def _ece_bins(row: dict[str, Any]) -> int:
+    """The run's ECE bin count: its row's ``ece_bins``, else its metrics.json's or config's, else the default."""
+    value = _f(row, "ece_bins")
+    if value is None:
+        run = RunDir(row["path"])
+        if run.metrics_file.exists():
+            value = _f(run.metrics(), "ece_bins")
+        if value is None and run.config_file.exists():
+            value = run.config().ece_bins
+    return int(value) if value is not None and value >= 1 else stats.ECE_BINS
 
 
 @functools.lru_cache(maxsize=None)
-def _per_image_at(path: str) -> stats.PerImage:
-    run = RunDir(path)
-    saved = run.test_logits()
-    bins = run.metrics().get("ece_bins") or run.config().ece_bins  # the run's own ECE bins
-    return stats.per_image(saved["logits"].double().numpy(), saved["labels"].numpy(), int(bins))
+def _per_image_at(path: str, ece_bins: int) -> stats.PerImage:
+    saved = RunDir(path).test_logits()
+    return stats.per_image(saved["logits"].double().numpy(), saved["labels"].numpy(), ece_bins)
 
 
 def by_seed(rows: list[dict[str, Any]]) -> dict[int, stats.PerImage]:

@@ -14,21 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from cqkd.calibration.bootstrap import (
-    METRICS,
-    PerImage,
-    bin_index,
-    evaluate,
-    image_weights,
-    metric_value,
-    metric_values,
-    per_image,
-    stack,
-)
+from cqkd.calibration.bootstrap import (ECE_BINS, METRICS, PerImage, bin_index, evaluate, image_weights,
+                                        metric_value, metric_values, per_image, stack)
 
-__all__ = ["METRICS", "PerImage", "bin_index", "metric_value", "metric_values", "per_image", "paired_effect",
-           "correlation", "trend", "format_p", "format_effect", "format_trend", "format_correlation",
-           "Effect", "Correlation", "Trend"]
+__all__ = ["ECE_BINS", "METRICS", "PerImage", "bin_index", "metric_value", "metric_values", "per_image",
+           "paired_effect", "correlation", "trend", "format_p", "format_effect", "format_trend",
+           "format_correlation", "Effect", "Correlation", "Trend"]
 
 ALPHA = 0.05
 MDE_FACTOR = float(stats.norm.ppf(0.975) + stats.norm.ppf(0.8))  # ≈ 2.80: 80 % power, two-sided 5 %
