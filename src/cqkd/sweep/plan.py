@@ -213,7 +213,9 @@ def plan_sweep(raw: Any, out: str | os.PathLike, where: str = "sweep") -> SweepP
             if tname not in teacher_dirs:
                 raise CqkdError(f"{gw}: teacher={tname!r} is not one of the teachers "
                                 f"({', '.join(teacher_dirs) or 'none defined'})")
-            values = {**base, **point, "kind": "distill", "teacher": os.path.abspath(teacher_dirs[tname])}
+            # the path as --out spells it (sweeps in two directories with the same relative --out record the
+            # same configs); a sweep matches its teachers by weights digest, not by this path (teacher_matches)
+            values = {**base, **point, "kind": "distill", "teacher": str(teacher_dirs[tname])}
             cfg = RunConfig.from_dict(values, where=f"{gw} {_point_text(point)}")
             try:
                 check_method(cfg.method)
