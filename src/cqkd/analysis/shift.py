@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import bootstrap
 
 from cqkd.core.io import atomic_write
 from cqkd.core.rundir import RunDir
@@ -120,7 +121,6 @@ def interval(values: np.ndarray, seed: int = 0) -> tuple[float, float]:
     """95% percentile bootstrap interval of the mean (scipy), the value itself for one seed."""
     if len(values) < 2 or np.allclose(values, values[0]):
         return float(values.mean()), float(values.mean())
-    from scipy.stats import bootstrap
 
     res = bootstrap((values,), np.mean, confidence_level=0.95, n_resamples=9999, method="percentile",
                     random_state=np.random.default_rng(seed))

@@ -14,8 +14,18 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from cqkd.calibration.bootstrap import (ECE_BINS, METRICS, PerImage, bin_index, evaluate, image_weights,
-                                        metric_value, metric_values, per_image, stack)
+from cqkd.calibration.bootstrap import (
+    ECE_BINS,
+    METRICS,
+    PerImage,
+    bin_index,
+    evaluate,
+    image_weights,
+    metric_value,
+    metric_values,
+    per_image,
+    stack,
+)
 
 __all__ = ["ECE_BINS", "METRICS", "PerImage", "bin_index", "metric_value", "metric_values", "per_image",
            "paired_effect", "correlation", "trend", "format_p", "format_effect", "format_trend",

@@ -2,6 +2,11 @@
 
 User mistakes raise ``CqkdError`` in the library; here they become one line on stderr and
 exit code 2 (argparse does the same for malformed options).
+
+The commands import the library inside their functions, deliberately: the library imports torch
+and Lightning (~7 s), which `cqkd --help`, `cqkd COMMAND --help` and a malformed option never need.
+Everything else in cqkd imports at the top of its module, except the optional backends (onnx,
+onnxruntime, ray, timm, mlflow, tensorboard, wandb, matplotlib's figures), imported when asked for.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from cqkd.cli.common import EXIT_FAILED, EXIT_USAGE, one_line
 from cqkd.cli.deploy import add_deploy_commands
 from cqkd.cli.runs import add_run_commands
 from cqkd.cli.sweeps import add_sweep_commands
+from cqkd.core.signals import install_sigterm_handler
 from cqkd.errors import CqkdError, RunFailed, RunInterrupted
 
 
@@ -67,8 +73,6 @@ def _quiet_libraries() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``cqkd`` command line on ``argv`` and return its exit status (errors become one line on stderr)."""
-    from cqkd.core.signals import install_sigterm_handler
-
     _quiet_libraries()
     previous = install_sigterm_handler()  # SIGTERM stops every phase like Ctrl-C does: exit 143
     args: argparse.Namespace | None = None

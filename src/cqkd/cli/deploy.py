@@ -9,12 +9,12 @@ from collections.abc import Callable
 from typing import Any
 
 from cqkd.cli.common import EXIT_SKIPPED
-from cqkd.core.io import check_output_file
-from cqkd.errors import CqkdError
+from cqkd.errors import CqkdError, unknown_name
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """``cqkd predict``: classify image files with a trained run and print or write the predictions."""
+    from cqkd.core.io import check_output_file
     from cqkd.deploy.files import (
         FORMATS,
         format_predictions,
@@ -22,7 +22,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         write_predictions,
     )
     from cqkd.deploy.predictor import load_predictor
-    from cqkd.errors import unknown_name
 
     if args.format not in FORMATS:
         raise unknown_name("output format", args.format, FORMATS)

@@ -233,8 +233,6 @@ def cmd_plot_reliability(args: argparse.Namespace) -> int:
 
 def cmd_plot_shift(args: argparse.Namespace) -> int:
     """``cqkd plot shift``: top-1 and ECE against severity from the runs' shift.csv files, overlaid (.png)."""
-    from pathlib import Path
-
     from cqkd.analysis.shift import read_shift, shift_figure
     from cqkd.core.io import check_output_file
 

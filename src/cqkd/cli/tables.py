@@ -5,6 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
 from cqkd.analysis.runs import list_runs
 from cqkd.core.text import fmt as _fmt
 from cqkd.distill.methods import METHODS
@@ -19,8 +23,6 @@ _MAIN_KEYS = ("top1", "top5", "nll", "brier", "ece", "adaptive_ece", "classwise_
 
 def metrics_table(title: str, metrics: dict[str, Any]) -> None:
     """Print a run's metrics as a two-column table."""
-    from rich.console import Console
-    from rich.table import Table
 
     table = Table(title=title, show_header=True)
     table.add_column("metric")
@@ -40,8 +42,6 @@ def metrics_table(title: str, metrics: dict[str, Any]) -> None:
 
 def print_rows(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """Print ``rows`` under ``headers`` as a rich table titled ``title``."""
-    from rich.console import Console
-    from rich.table import Table
 
     table = Table(title=title)
     for h in headers:
@@ -69,8 +69,6 @@ def models_table(size: int, channels: int, classes: int) -> None:
 
 def runs_table(root: str) -> None:
     """Print the run directories under ``root`` with their state and headline metrics."""
-    from rich.console import Console
-    from rich.table import Table
 
 
     rows = list_runs(root)
@@ -94,8 +92,6 @@ def runs_table(root: str) -> None:
 
 def calibration_table(run: str, result: dict[str, Any]) -> None:
     """Print ``calibrate_run``'s result: NLL and ECE before and after temperature scaling."""
-    from rich.console import Console
-    from rich.table import Table
 
     split = result["split"]
     table = Table(title=f"temperature scaling of {run}", caption=f"T_cal = {result['t_cal']:.4f}, fitted on {split} "
@@ -113,8 +109,6 @@ def calibration_table(run: str, result: dict[str, Any]) -> None:
 
 def intervals_table(title: str, intervals: dict[str, dict[str, float]]) -> None:
     """Print bootstrap intervals: metric, value, low, high."""
-    from rich.console import Console
-    from rich.table import Table
 
     table = Table(title=title)
     for h in ("metric", "value", "low", "high"):
@@ -126,9 +120,6 @@ def intervals_table(title: str, intervals: dict[str, dict[str, float]]) -> None:
 
 def sweep_status_table(out: str, stale_after: float | None = None) -> None:
     """Print who runs what in a sweep directory: counts, running runs with their worker, workers, failures."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
 
     s = sweep_status(out, STALE_AFTER if stale_after is None else stale_after)
     console = Console(highlight=False)

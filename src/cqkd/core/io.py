@@ -3,6 +3,7 @@ YAML and safetensors file it reads goes through ``read_json``, ``read_yaml`` and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -13,6 +14,8 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from cqkd.errors import CqkdError
 
@@ -193,7 +196,6 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def file_sha256(path: str | os.PathLike) -> str:
     """The sha256 of a file's bytes (hex), read in chunks."""
-    import hashlib
 
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -211,7 +213,6 @@ def _safetensors_error(path: str | os.PathLike, e: BaseException) -> CqkdError:
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file (never unpickles)."""
-    from safetensors.torch import load_file
 
     try:
         return load_file(str(path))
@@ -221,7 +222,6 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def safetensors_header(path: str | os.PathLike) -> tuple[dict[str, list[int]], dict[str, str]]:
     """(shape of each tensor, metadata) of a safetensors file, without reading the tensors."""
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -8,6 +8,17 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from rich.console import Console
+from rich.errors import LiveError
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Progress as RichProgress
+
 LINE_EVERY_S = 30.0  # without a terminal: at most one progress line per this many seconds
 NOTE_EVERY_S = 0.5  # in a terminal: the note beside the bar is refreshed at most this often
 
@@ -45,17 +56,6 @@ class Progress:
             self._open_bar()
 
     def _open_bar(self) -> None:
-        from rich.console import Console
-        from rich.errors import LiveError
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-        from rich.progress import Progress as RichProgress
-
         bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                            TimeElapsedColumn(), TimeRemainingColumn(), console=Console(file=self.stream),
                            transient=True)

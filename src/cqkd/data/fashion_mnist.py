@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 
 from cqkd.data.registry import (
     DatasetInfo,
@@ -60,8 +61,6 @@ def _idx_path(d: Path, stem: str) -> Path:
 
 
 def _torchvision_download() -> Path:
-    import torchvision
-
     root = Path(os.environ.get("CQKD_CACHE", Path.home() / ".cache" / "cqkd")) / "data"
     torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
     torchvision.datasets.FashionMNIST(str(root), train=False, download=True)

@@ -15,8 +15,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets.folder import make_dataset
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms.v2 import functional as TF
 
 from cqkd.core.io import special_kind
 from cqkd.data.registry import SPLIT_SEED, DatasetInfo, Splits, register_dataset
@@ -72,8 +76,6 @@ def decode_rgb(path: str) -> torch.Tensor:
     16-bit samples rounded to 8 bits (``round(v * 255 / 65535)``), palette expanded, alpha
     dropped, CMYK through PIL. A device, FIFO or socket is refused before it is opened (reading
     a FIFO nobody writes would block for ever)."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
-
     kind = special_kind(path)
     if kind is not None:
         raise BadImageError(f"cannot decode image file {path} (it is {kind}, not a regular file)")
@@ -86,8 +88,6 @@ def decode_rgb(path: str) -> torch.Tensor:
     except Exception:  # noqa: BLE001 - any decoder failure: try PIL before giving up
         pass
     try:
-        from PIL import Image
-
         with Image.open(path) as im:
             arr = pil_rgb8(im)
         if arr.ndim != 3 or 0 in arr.shape:
@@ -105,8 +105,6 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 def pil_rgb8(im: Any) -> np.ndarray:
     """A PIL image of any mode as uint8 RGB (H, W, 3), upright (EXIF orientation applied), 16-bit
     and 32-bit integer grey scaled from 0-65535 like ``to_uint8``."""
-    from PIL import ImageOps
-
     im = ImageOps.exif_transpose(im)
     if im.mode.startswith("I"):  # I;16, I;16B, I (16-bit PNGs, TIFFs): 0-65535
         a = np.clip(np.asarray(im, dtype=np.int64), 0, 65535)
@@ -123,8 +121,6 @@ def train_view(img: torch.Tensor, crop_size: int) -> torch.Tensor:
 
 def eval_view(img: torch.Tensor, crop_size: int) -> torch.Tensor:
     """Resize the shorter side to ``eval_resize(crop_size)``, then the central square crop."""
-    from torchvision.transforms.v2 import functional as TF
-
     out = TF.resize(img, [eval_resize(crop_size)], antialias=True)
     return TF.center_crop(out, [crop_size, crop_size]).contiguous()
 
@@ -324,8 +320,6 @@ def skipped_files(splits: Splits) -> list[str]:
     """Every file skipped as unreadable in any split, gathered over all processes of a
     distributed run (a collective: call it on every rank)."""
     local = sorted({p for s in (splits.train, splits.val, splits.test) for p in getattr(s, "skipped", list)()})
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         gathered: list[list[str] | None] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, local)

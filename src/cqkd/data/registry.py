@@ -5,6 +5,7 @@ Details: docs/architecture.md.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -128,7 +129,6 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
         raise unknown_name("dataset", name, DATASETS)
     if data_dir is not None and not Path(data_dir).is_dir():
         raise CqkdError(f"--data-dir {str(data_dir)!r} does not exist or is not a directory")
-    import inspect
 
     fn = DATASETS[name]
     accepted = inspect.signature(fn).parameters

@@ -7,7 +7,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
 from cqkd.core.io import special_kind
 from cqkd.data.folder import (
@@ -54,13 +57,7 @@ def read_image(item: ImageInput) -> torch.Tensor:
         if Path(item).is_dir():
             raise CqkdError(f"{str(item)!r} is a directory; list its images with cqkd.deploy.find_images")
         return read_file(item)
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - PIL comes with torchvision
-        Image = None  # type: ignore[assignment]
-    if Image is not None and isinstance(item, Image.Image):
-        import numpy as np
-
+    if isinstance(item, Image.Image):
         arr = torch.from_numpy((np.asarray(item) if item.mode in ("L", "RGB") else pil_rgb8(item)).copy())
         return arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1).contiguous()
     raise CqkdError(f"cannot read an image from a {type(item).__name__}: pass a tensor, a PIL image or a file path")
@@ -69,8 +66,6 @@ def read_image(item: ImageInput) -> torch.Tensor:
 def read_file(path: str | os.PathLike) -> torch.Tensor:
     """Decode an image file to uint8 RGB (3, H, W) as the run's image folders are read, after
     PIL has checked it (a damaged file then fails here, before libpng writes to stderr)."""
-    from PIL import Image
-
     kind = special_kind(path)
     if kind is not None:  # (a FIFO nobody writes would block open() for ever)
         raise BadImageError(f"cannot decode image file {path} (it is {kind}, not a regular file)")
@@ -130,8 +125,6 @@ def full_view(x: torch.Tensor, image_size: int, folder_crop: int | None) -> torc
         return eval_view(x, folder_crop)
     if tuple(x.shape[-2:]) == (image_size, image_size):
         return x
-    from torchvision.transforms.v2 import functional as TF
-
     if min(x.shape[-2:]) != image_size:
         x = TF.resize(x, [image_size], antialias=True)
     return TF.center_crop(x, [image_size, image_size]).contiguous()

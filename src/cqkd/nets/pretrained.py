@@ -12,6 +12,8 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
+import torch
+import torchvision
 from torch import nn
 
 from cqkd.errors import CqkdError
@@ -54,8 +56,6 @@ def _check_fit(label: str, classes: int, num_classes: int, in_channels: int) -> 
 
 def torchvision_pretrained(name: str, weights: str, num_classes: int, in_channels: int) -> Pretrained:
     """Torchvision model ``name`` with pretrained ``weights``, checked against the classes and channels."""
-    import torch
-    import torchvision
 
     try:
         enum = torchvision.models.get_model_weights(name)

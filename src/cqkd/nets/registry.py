@@ -13,7 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torchvision
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from cqkd.errors import CqkdError, unknown_name
 
@@ -103,8 +105,6 @@ def _adapt_stem(model: nn.Module, in_channels: int) -> nn.Module:
 
 
 def _torchvision(name: str, num_classes: int, in_channels: int) -> nn.Module:
-    import torchvision
-
     try:
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     except Exception as e:
@@ -140,7 +140,6 @@ def resolve(name: str) -> ModelSpec:
     if name.startswith("timm:"):
         arch = name[len("timm:"):]
         return ModelSpec(name, "timm", f"timm model {arch}", lambda nc, ic, s: _timm(arch, nc, ic))
-    import torchvision
 
     if name in torchvision.models.list_models(module=torchvision.models):
         return ModelSpec(name, "torchvision", f"torchvision model {name}",
@@ -163,7 +162,6 @@ def count_params(model: nn.Module) -> int:
 
 def count_flops(model: nn.Module, in_channels: int, input_size: int) -> int:
     """Forward FLOPs for one image (torch.utils.flop_counter; a multiply-add counts as 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
     model.eval()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from cqkd.core.io import file_sha256, load_safetensors, safetensors_header
@@ -86,7 +87,6 @@ def read_state_dict(path: Path) -> dict[str, Any]:
     Accepts a bare state dict or one under ``state_dict``/``model`` (checkpoints), and strips
     a ``module.``/``model.`` prefix shared by every key (DDP, Lightning).
     """
-    import torch
 
     if path.suffix == ".safetensors":
         state: Any = load_safetensors(path)

@@ -30,7 +30,12 @@ from cqkd.sweep.state import (
 )
 from cqkd.train.checkpoints import resume_checkpoint
 from cqkd.train.fit import fit_run
-from cqkd.train.trackers import Tracking, check_trackers, init_mlflow_store, tracker_names
+from cqkd.train.trackers import (
+    Tracking,
+    check_trackers,
+    init_mlflow_store,
+    tracker_names,
+)
 
 STALE_AFTER = 60.0  # seconds without a heartbeat after which a claim is taken over
 EXIT_CLAIM_LOST = 75

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from safetensors.torch import save
 from torch import nn
 
 from cqkd import __version__
@@ -129,7 +131,6 @@ def _fit(run: RunDir, cfg: RunConfig, splits: Splits, model: nn.Module, teacher:
          ckpt_path: Path | None, progress: bool, resume: bool, quiet: bool = False,
          tracking: Tracking | None = None) -> dict[str, Any]:
     """Fit, test and save a prepared run; mark it failed (with the reason) if that does not end."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     start = time.time()
     guard = RunGuard(run.path / "checkpoints", cfg.checkpoint_every_n_steps, cfg.seed, None,
@@ -262,7 +263,6 @@ def _summary(m: dict[str, Any]) -> dict[str, Any]:
 
 def save_outputs(run: RunDir, module: CQKDModule, metrics: dict[str, Any]) -> None:
     """Write the run's test logits, weights, metrics and reliability diagram."""
-    from safetensors.torch import save
 
     res = module.test_results
     save_tensors(run.logits_file, {k: v for k, v in res.items() if k != "idx"})

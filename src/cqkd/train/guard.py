@@ -10,6 +10,9 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.data import RandomSampler
 
 from cqkd.core import faults
 from cqkd.data.folder import BankSampler
@@ -25,7 +28,6 @@ def shuffle_generator(loader: Any) -> torch.Generator | None:
     (seed, epoch) before each epoch, makes the order of an epoch a function of those alone.
     (Under DDP Lightning swaps in a DistributedSampler, which has its own set_epoch.)
     """
-    from torch.utils.data import RandomSampler
 
     sampler = getattr(loader, "sampler", None)
     if isinstance(sampler, (RandomSampler, BankSampler)) and getattr(sampler, "shuffle", True):
@@ -163,8 +165,6 @@ class RunGuard(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # Lightning raises SIGTERMException itself when SIGTERM arrives outside our batch-end check
         # (e.g. during validation); the last completed step is still a consistent state to save.
-        from lightning.pytorch.trainer.states import TrainerFn
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         if (isinstance(exception, SIGTERMException) and self.saved_interrupt is None
                 and trainer.state.fn == TrainerFn.FITTING):

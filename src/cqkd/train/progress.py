@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from cqkd.core.io import atomic_write
 from cqkd.core.progress import Progress, say
@@ -20,12 +26,6 @@ def make_csv_logger(run_dir: Path, keep_before_step: int | None = None) -> Any:
     place; here a resumed run keeps the rows logged before ``keep_before_step`` (the resumed
     checkpoint's global step), and a kill never leaves a torn last line.
     """
-    import csv
-    import io
-
-    from lightning.fabric.loggers.logger import rank_zero_experiment
-    from lightning.pytorch.loggers import CSVLogger
-    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
     class AtomicExperimentWriter(ExperimentWriter):
         def __init__(self, log_dir: str) -> None:
@@ -34,7 +34,6 @@ def make_csv_logger(run_dir: Path, keep_before_step: int | None = None) -> Any:
             self.hparams: dict[str, Any] = {}
             self.log_dir = log_dir
             self.metrics_file_path = os.path.join(log_dir, self.NAME_METRICS_FILE)
-            from lightning.fabric.utilities.cloud_io import get_filesystem
 
             self._fs = get_filesystem(log_dir)
             os.makedirs(log_dir, exist_ok=True)

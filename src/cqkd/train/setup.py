@@ -9,6 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.plugins.environments import (
+    LSFEnvironment,
+    SLURMEnvironment,
+    TorchElasticEnvironment,
+)
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from cqkd.core import faults
@@ -18,7 +24,7 @@ from cqkd.errors import CqkdError
 from cqkd.nets.registry import build_model
 from cqkd.train.checkpoints import AtomicCheckpointIO
 from cqkd.train.progress import EpochProgress, make_csv_logger
-from cqkd.train.trackers import Tracking, TrackerLR, make_trackers
+from cqkd.train.trackers import TrackerLR, Tracking, make_trackers
 
 MAX_DEVICES = 1024
 
@@ -38,11 +44,6 @@ def load_splits(cfg: RunConfig) -> Splits:
 def _multi_node_launcher() -> bool:
     """True when a launcher starts this command on every node (SLURM, torchrun, LSF, or Lightning's
     NODE_RANK and MASTER_ADDR set by hand, as on Kubeflow)."""
-    from lightning.fabric.plugins.environments import (
-        LSFEnvironment,
-        SLURMEnvironment,
-        TorchElasticEnvironment,
-    )
 
     environments = (SLURMEnvironment, TorchElasticEnvironment, LSFEnvironment)
     return any(e.detect() for e in environments) or {"NODE_RANK", "MASTER_ADDR"} <= set(os.environ)
@@ -98,7 +99,6 @@ def make_trainer(cfg: RunConfig, run_dir: Path | None, progress: bool = True,
     """A Lightning Trainer for ``cfg``, with checkpoints, CSV log, the trackers ``cfg.logger`` asks for
     (named and placed by ``tracking``) and progress in ``run_dir`` if given; ``quiet`` keeps Lightning's
     informational banners out of the terminal (from then on, in this process)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     if quiet:
         for name in ("lightning.pytorch", "lightning.fabric"):

@@ -61,7 +61,9 @@ def check_trackers(cfg: RunConfig) -> None:
 def init_mlflow_store(store_dir: Path, experiment: str) -> None:
     """Create the local MLflow store in ``store_dir`` and its ``experiment`` once, before a sweep's workers
     start (so that they do not race to create its tables); a failure is each run's to report."""
-    from mlflow.tracking import MlflowClient  # optional backend: imported only when asked for
+    from mlflow.tracking import (
+        MlflowClient,  # optional backend: imported only when asked for
+    )
 
     home = Path(store_dir).resolve()
     try:

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
+from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+from torchvision.transforms.v2.functional import gaussian_blur
 
 from cqkd.errors import CqkdError
 
@@ -168,12 +170,6 @@ def jpeg(x: torch.Tensor, qualities: int | list[int]) -> torch.Tensor:
     images use libjpeg's default 4:2:0 chroma subsampling). On CUDA the batch is encoded and
     decoded on the GPU (nvJPEG), elsewhere on the CPU; torchvision.io is the backend (why not
     TorchCodec: docs/quality.md)."""
-    from torchvision.io import (  # heavy: only where JPEG is used
-        ImageReadMode,
-        decode_jpeg,
-        encode_jpeg,
-    )
-
     n, channels = len(x), x.shape[1]
     if channels not in (1, 3):
         raise CqkdError(f"degradation jpeg needs images with 1 or 3 channels, got {channels}")
@@ -197,8 +193,6 @@ def jpeg(x: torch.Tensor, qualities: int | list[int]) -> torch.Tensor:
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """torchvision's separable Gaussian blur with a kernel of radius ~3 sigma (reflect padding)."""
-    from torchvision.transforms.v2.functional import gaussian_blur
-
     size = 2 * max(1, int(3 * sigma + 0.5)) + 1
     return gaussian_blur(x, kernel_size=[size, size], sigma=[sigma, sigma])
 

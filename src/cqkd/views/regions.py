@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torchvision.transforms.v2 import functional as TF
 
 from cqkd.errors import CqkdError
 
@@ -78,7 +79,6 @@ def draw_region(h: int, w: int, spec: CropSpec, g: torch.Generator | None = None
 
 def cut_region(img: torch.Tensor, region: torch.Tensor, size: int) -> torch.Tensor:
     """The crop ``region`` of a uint8 (C, H, W) image, resized (antialiased) to size x size."""
-    from torchvision.transforms.v2 import functional as TF
 
     top, left, h, w, flip = (int(v) for v in region)
     out = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
