@@ -19,7 +19,7 @@ _METRICS = (("top1", "test top-1"), ("ece", "ECE"), ("entropy", "mean entropy (n
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # pyplot gets the Agg backend when a figure is drawn, not at import (the user's backend is left alone)
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt

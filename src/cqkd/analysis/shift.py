@@ -82,7 +82,7 @@ def corruption_errors(rows: list[dict[str, Any]], baseline: list[dict[str, Any]]
 
 def shift_figure(entries: list[tuple[str, list[dict[str, Any]]]], path: str | os.PathLike) -> Path:
     """Top-1 and ECE against severity, one panel pair per corruption, the runs overlaid (PNG)."""
-    import matplotlib
+    import matplotlib  # pyplot gets the Agg backend when a figure is drawn, not at import (the user's backend is left alone)
 
     matplotlib.use("Agg", force=False)  # matplotlib: imported only when a figure is drawn
     import matplotlib.pyplot as plt

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from cqkd.calibration.metrics import calibration_errors, reliability_bins
 from cqkd.core.io import atomic_write
@@ -18,7 +20,6 @@ Entry = tuple[str, torch.Tensor, torch.Tensor]  # (label, logits (N, K), labels 
 
 def _save_atomic(fig, out: Path, dpi: int) -> None:
     """savefig to a temporary file in ``out``'s directory, then rename it into place."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 
     FigureCanvasAgg(fig)
@@ -35,7 +36,6 @@ def reliability_diagram(entries: Sequence[Entry], out: str | os.PathLike, n_bins
     gives each run's ECE. Bottom: the number of samples per bin. The file is written
     atomically (a temporary file in the same directory, then ``os.replace``).
     """
-    from matplotlib.figure import Figure
 
 
     if not entries:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
 import time
@@ -69,7 +70,6 @@ def require_onnx() -> None:
 
 
 def _importable(module: str) -> bool:
-    import importlib.util
 
     return importlib.util.find_spec(module) is not None
 
@@ -77,7 +77,7 @@ def _importable(module: str) -> bool:
 def export_onnx(module: nn.Module, example: torch.Tensor, path: str | os.PathLike, input_name: str = "images") -> None:
     """Write ``module`` (eval mode) as ONNX with a dynamic batch dimension and check the file."""
     require_onnx()
-    import onnx
+    import onnx  # optional backend: imported only when asked for
 
     chatter = io.StringIO()
     try:
@@ -117,7 +117,7 @@ def _first_line(e: BaseException) -> str:
 def onnx_session(path: str | os.PathLike, threads: int | None = None):
     """An onnxruntime CPU session on ``path`` (``threads`` intra-op threads; None: torch's count)."""
     require_onnx()
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional backend: imported only when asked for
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
@@ -141,7 +141,7 @@ def export_torchscript(module: nn.Module, example: torch.Tensor, path: str | os.
 def _runner(fmt: str, path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
     """A function that runs the exported file on a batch, and the runtime's name."""
     if fmt == "onnx":
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional backend: imported only when asked for
 
         session = onnx_session(path)
         name = session.get_inputs()[0].name
@@ -311,7 +311,7 @@ def model_card(predictor: Predictor, fmt: str, out: Path, file: Path, with_prepr
         "torch_version": torch.__version__,
     }
     if fmt == "onnx":
-        import onnx
+        import onnx  # optional backend: imported only when asked for
 
         card["opset"] = OPSET
         card["onnx_version"] = onnx.__version__

@@ -81,7 +81,7 @@ def torchvision_pretrained(name: str, weights: str, num_classes: int, in_channel
 
 def timm_pretrained(arch: str, weights: str, num_classes: int, in_channels: int) -> Pretrained:
     """Timm model ``arch`` with pretrained ``weights``, checked against the classes and channels."""
-    import timm
+    import timm  # optional backend: imported only when asked for
 
     full = arch if weights in ("pretrained", "DEFAULT", "default") else f"{arch}.{weights}"
     label = f"timm:{full}"

@@ -167,7 +167,7 @@ def launch_ray(plan: SweepPlan, workers: int | None, threads: int | None, device
                address: str | None, force: bool, stale_after: float, progress: bool) -> int:
     """Run the workers as Ray tasks on a cluster (``address``) or on a local Ray instance (None, "local")."""
     try:
-        import ray
+        import ray  # optional backend: imported only when asked for
     except ImportError:
         raise CqkdError("--launcher ray needs Ray: pip install 'cqkd[ray]'") from None
 

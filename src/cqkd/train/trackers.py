@@ -61,9 +61,7 @@ def check_trackers(cfg: RunConfig) -> None:
 def init_mlflow_store(store_dir: Path, experiment: str) -> None:
     """Create the local MLflow store in ``store_dir`` and its ``experiment`` once, before a sweep's workers
     start (so that they do not race to create its tables); a failure is each run's to report."""
-    from mlflow.tracking import (
-        MlflowClient,  # optional backend: imported only when asked for
-    )
+    from mlflow.tracking import MlflowClient  # noqa: I001 - optional backend: imported only when asked for
 
     home = Path(store_dir).resolve()
     try:
@@ -141,7 +139,9 @@ def log_final(trackers: list["SafeLogger"], cfg: RunConfig, metrics: dict[str, A
 
 def _tensorboard(cfg: RunConfig, run_dir: Path, tracking: Tracking, name: str, tags: dict[str, str],
                  previous: dict[str, Any]) -> Logger:
-    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.loggers import (
+        TensorBoardLogger,  # optional backend: imported only when asked for
+    )
 
     # tensorboard/version_N: a fresh start takes the next N (nothing of an earlier attempt is deleted), a resumed
     # run its last one (TensorBoard drops the events past the step a run resumes from)
@@ -152,7 +152,9 @@ def _tensorboard(cfg: RunConfig, run_dir: Path, tracking: Tracking, name: str, t
 
 def _mlflow(cfg: RunConfig, run_dir: Path, tracking: Tracking, name: str, tags: dict[str, str],
             previous: dict[str, Any]) -> Logger:
-    from lightning.pytorch.loggers import MLFlowLogger
+    from lightning.pytorch.loggers import (
+        MLFlowLogger,  # optional backend: imported only when asked for
+    )
 
     for key, value in MLFLOW_HTTP_DEFAULTS.items():  # read by MLflow at each request; the user's settings win
         os.environ.setdefault(key, value)
@@ -170,7 +172,9 @@ def _mlflow(cfg: RunConfig, run_dir: Path, tracking: Tracking, name: str, tags: 
 
 def _wandb(cfg: RunConfig, run_dir: Path, tracking: Tracking, name: str, tags: dict[str, str],
            previous: dict[str, Any]) -> Logger:
-    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.loggers import (
+        WandbLogger,  # optional backend: imported only when asked for
+    )
 
     # offline unless the user configures W&B (WANDB_MODE=online, or a mode of their choosing)
     offline = "WANDB_MODE" not in os.environ
