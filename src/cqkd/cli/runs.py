@@ -202,21 +202,28 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_plot_reliability(args: argparse.Namespace) -> int:
-    """``cqkd plot reliability``: draw one reliability diagram (.png) from the test logits of one or more runs."""
-    from cqkd.calibration.plots import reliability_diagram
+def _figure_names(args: argparse.Namespace) -> list[str]:
+    """Check a plot command's --out (a new .png file) and --labels; the legend name of each run."""
     from cqkd.core.io import check_output_file
-    from cqkd.core.rundir import RunDir
 
     if args.labels is not None and len(args.labels) != len(args.runs):
         raise CqkdError(f"--labels has {len(args.labels)} names for {len(args.runs)} runs")
     if Path(args.out).suffix.lower() != ".png":
         raise CqkdError(f"--out {args.out!r} must be a .png file")
     check_output_file(args.out, "--out")
-    _check_range("--ece-bins", args.ece_bins, 1, 100_000)
     names = args.labels or [Path(r).name or r for r in args.runs]
     if args.labels is None and len(set(names)) < len(names):
         names = list(args.runs)
+    return names
+
+
+def cmd_plot_reliability(args: argparse.Namespace) -> int:
+    """``cqkd plot reliability``: draw one reliability diagram (.png) from the test logits of one or more runs."""
+    from cqkd.calibration.plots import reliability_diagram
+    from cqkd.core.rundir import RunDir
+
+    names = _figure_names(args)
+    _check_range("--ece-bins", args.ece_bins, 1, 100_000)
     entries = []
     for name, path in zip(names, args.runs):
         run = RunDir(path)
@@ -234,16 +241,8 @@ def cmd_plot_reliability(args: argparse.Namespace) -> int:
 def cmd_plot_shift(args: argparse.Namespace) -> int:
     """``cqkd plot shift``: top-1 and ECE against severity from the runs' shift.csv files, overlaid (.png)."""
     from cqkd.analysis.shift import read_shift, shift_figure
-    from cqkd.core.io import check_output_file
 
-    if args.labels is not None and len(args.labels) != len(args.runs):
-        raise CqkdError(f"--labels has {len(args.labels)} names for {len(args.runs)} runs")
-    if Path(args.out).suffix.lower() != ".png":
-        raise CqkdError(f"--out {args.out!r} must be a .png file")
-    check_output_file(args.out, "--out")
-    names = args.labels or [Path(r).name or r for r in args.runs]
-    if args.labels is None and len(set(names)) < len(names):
-        names = list(args.runs)
+    names = _figure_names(args)
     out = shift_figure([(n, read_shift(r)) for n, r in zip(names, args.runs)], args.out)
     print(f"written: {out}")
     return 0
