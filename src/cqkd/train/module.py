@@ -237,7 +237,7 @@ class CQKDModule(L.LightningModule):
         if not torch.isfinite(terms["loss"]):
             raise FloatingPointError(f"the loss became {terms['loss'].item()} at step {self.global_step}")
         self._add_terms(terms, len(y))
-        if batch_idx + 1 == self.trainer.num_training_batches:
+        if self._trainer is None or batch_idx + 1 == self.trainer.num_training_batches:  # (no trainer: tests)
             self._log_terms()
         return terms["loss"]
 
