@@ -17,6 +17,7 @@ from cqkd.core.config import RunConfig
 from cqkd.core.rundir import RunDir
 from cqkd.data.registry import load_dataset
 from cqkd.distill import cache as cache_lib
+from cqkd.distill import cache_build
 from cqkd.distill.methods import (
     kd as kd_method,  # the kd method calls distillation_loss
 )
@@ -265,14 +266,14 @@ def test_interrupted_build_resumes_from_its_finished_chunks(tmp_path, small_spli
         return fake_teacher(x)
 
     with pytest.raises(KeyboardInterrupt):
-        cache_lib.build(tmp_path / "a", spec, bank, produce, failing, chunk_views=32, progress=False)
+        cache_build.build(tmp_path / "a", spec, bank, produce, failing, chunk_views=32, progress=False)
     partial = tmp_path / "a" / f".build-{spec.key()}"
     assert not (tmp_path / "a" / spec.key()).exists()
     assert sorted(p.name for p in partial.iterdir()) == ["chunk-000000.npz", "chunk-000001.npz"]
     calls.clear()
-    path = cache_lib.build(tmp_path / "a", spec, bank, produce, failing, chunk_views=32, progress=False)
+    path = cache_build.build(tmp_path / "a", spec, bank, produce, failing, chunk_views=32, progress=False)
     assert len(calls) == 4 and not partial.exists()  # only the two missing chunks
-    whole = cache_lib.build(tmp_path / "b", spec, bank, produce, fake_teacher, chunk_views=32, progress=False)
+    whole = cache_build.build(tmp_path / "b", spec, bank, produce, fake_teacher, chunk_views=32, progress=False)
     assert (path / cache_lib.LOGITS_FILE).read_bytes() == (whole / cache_lib.LOGITS_FILE).read_bytes()
     cache_lib.TeacherCache.open(path, spec, bank)
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [spec.key()]
@@ -291,7 +292,7 @@ def test_two_ranks_build_their_share_of_the_chunks(tmp_path, small_splits):
         return fake_teacher(x)
 
     def rank(r: int) -> None:
-        cache_lib.build(tmp_path, spec, bank, produce, counting, chunk_views=32, progress=False, rank=r, world_size=2)
+        cache_build.build(tmp_path, spec, bank, produce, counting, chunk_views=32, progress=False, rank=r, world_size=2)
 
     threads = [threading.Thread(target=rank, args=(r,), name=f"rank{r}") for r in (0, 1)]
     for t in threads:
@@ -300,6 +301,6 @@ def test_two_ranks_build_their_share_of_the_chunks(tmp_path, small_splits):
         t.join()
     assert sorted(calls) == ["rank0", "rank0", "rank1", "rank1"]  # 4 chunks, 2 each
     cache = cache_lib.TeacherCache.open(tmp_path / spec.key(), spec, bank)
-    single = cache_lib.build(tmp_path / "one", spec, bank, produce, fake_teacher, chunk_views=32, progress=False)
+    single = cache_build.build(tmp_path / "one", spec, bank, produce, fake_teacher, chunk_views=32, progress=False)
     assert np.array_equal(np.asarray(cache.logits), np.fromfile(single / cache_lib.LOGITS_FILE, dtype="<f2").reshape(-1, 10))
     assert json.loads((single / cache_lib.HEADER_FILE).read_text())["spec"] == spec.fields()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY, cli_env, cqkd_cmd
 
 from cqkd.cli import main
 from cqkd.core.config import RunConfig
@@ -23,8 +24,6 @@ from cqkd.sweep.plan import load_sweep
 from cqkd.sweep.runner import run_sweep
 from cqkd.train.fit import fit_run
 from cqkd.train.trackers import SafeLogger
-
-from conftest import TINY, cli_env, cqkd_cmd
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")

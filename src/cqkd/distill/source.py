@@ -23,6 +23,7 @@ from cqkd.core.config import RunConfig
 from cqkd.data.folder import FolderSplit
 from cqkd.data.registry import ImageData
 from cqkd.distill import cache as cache_lib
+from cqkd.distill import cache_build
 from cqkd.distill.targets import topk_logits
 from cqkd.errors import CqkdError
 from cqkd.nets.teacher import Teacher
@@ -81,7 +82,7 @@ class TeacherSource:
         assert self.spec is not None and self.root is not None and self.produce is not None
         if rank == 0:
             try:
-                self.cache, build_s = cache_lib.open_or_build(
+                self.cache, build_s = cache_build.open_or_build(
                     self.root, self.spec, self.bank, self.produce, forward, device, chunk_views, progress)
             except OSError as e:  # e.g. a read-only teacher run directory
                 if world_size > 1:
@@ -95,9 +96,9 @@ class TeacherSource:
             try:
                 self.cache = cache_lib.TeacherCache.open(self.root / self.spec.key(), self.spec, self.bank)
             except cache_lib.CacheInvalid:  # missing or damaged: build this rank's share, then wait for rank 0
-                cache_lib.build(self.root, self.spec, self.bank, self.produce, forward, device, chunk_views,
+                cache_build.build(self.root, self.spec, self.bank, self.produce, forward, device, chunk_views,
                                 progress, rank, world_size)
-                self.cache = cache_lib.wait_for(self.root, self.spec, self.bank)
+                self.cache = cache_build.wait_for(self.root, self.spec, self.bank)
         if barrier is not None and world_size > 1:
             barrier()
         if self.split is not None and self.cache is not None:
