@@ -21,9 +21,11 @@ from cqkd.core.config import RunConfig
 from cqkd.data.registry import load_dataset
 from cqkd.deploy import load_predictor
 from cqkd.deploy.export import export_run, trained_on
+from cqkd.distill.methods import (
+    kd as kd_method,  # the kd method calls distillation_loss
+)
 from cqkd.errors import CqkdError
 from cqkd.train import fit as training
-from cqkd.train import module as train_module
 from cqkd.train.fit import fit_run
 from cqkd.views.corrupt import CORRUPTIONS, Corruption, parse_grid
 from cqkd.views.degrade import Degradation, jpeg
@@ -107,7 +109,7 @@ def test_cache_stays_exact_with_a_jpeg_degradation(tmp_path, monkeypatch) -> Non
     teacher = make_teacher_run(tmp_path / "teacher")
     records: dict[str, list[tuple[float, float, int]]] = {}
     mode = ["off"]
-    real_loss = train_module.distillation_loss
+    real_loss = kd_method.distillation_loss
 
     def recording_loss(z_s, z_t, y, *args):
         terms = real_loss(z_s, z_t, y, *args)
@@ -115,7 +117,7 @@ def test_cache_stays_exact_with_a_jpeg_degradation(tmp_path, monkeypatch) -> Non
             records.setdefault(mode[0], []).append((float(terms["loss"]), float(terms["kl"]), int(y.sum())))
         return terms
 
-    monkeypatch.setattr(train_module, "distillation_loss", recording_loss)
+    monkeypatch.setattr(kd_method, "distillation_loss", recording_loss)
     spec = "size=14,jpeg=10-50"
     m_off = training.fit_run(distil_cfg(teacher, teacher_cache="off", degradation=spec), tmp_path / "off",
                              progress=False)

@@ -64,7 +64,7 @@ def run_on_split(module: CQKDModule, data: ImageData, progress: bool = False, ba
     With ``test_split``, the teacher's outputs come from its memo when a sibling student saved
     them, and are memoised for the next one otherwise. ``quiet``: no Lightning banners."""
     if test_split:
-        module.load_teacher_memo(len(data))
+        module.load_teacher_memo(data)
     trainer = make_trainer(module.cfg, None, progress, devices=1, strategy="auto", num_nodes=1, logger=False,
                            quiet=quiet)
     trainer.test(module, make_loader(data, batch_size, shuffle=False), verbose=False)
