@@ -80,9 +80,9 @@ def prepared_source(cfg: RunConfig, splits, forward=None):
 
 # ------------------------------------------------------------------ exactness
 
-def test_cached_distillation_matches_online_at_every_step(tmp_path, teacher_dir, monkeypatch):
-    """Two short distillation runs, same seed: teacher online vs teacher cache. Same views, the
-    same loss at every step and the same final metrics, up to float16 rounding of the logits."""
+def record_losses(monkeypatch) -> tuple[dict[str, list[tuple[float, float, int]]], list[str]]:
+    """Record (loss, kl, label sum) of every training step of the kd method under the key ``mode[0]``
+    (set it between runs); returns ``(records, mode)``."""
     records: dict[str, list[tuple[float, float, int]]] = {}
     mode = ["off"]
     real_loss = kd_method.distillation_loss
@@ -94,6 +94,14 @@ def test_cached_distillation_matches_online_at_every_step(tmp_path, teacher_dir,
         return terms
 
     monkeypatch.setattr(kd_method, "distillation_loss", recording_loss)
+    return records, mode
+
+
+
+def test_cached_distillation_matches_online_at_every_step(tmp_path, teacher_dir, monkeypatch):
+    """Two short distillation runs, same seed: teacher online vs teacher cache. Same views, the
+    same loss at every step and the same final metrics, up to float16 rounding of the logits."""
+    records, mode = record_losses(monkeypatch)
     m_off = training.fit_run(distil_cfg(teacher_dir, teacher_cache="off"), tmp_path / "off", progress=False)
     mode[0] = "auto"
     m_auto = training.fit_run(distil_cfg(teacher_dir, teacher_cache="auto"), tmp_path / "auto", progress=False)

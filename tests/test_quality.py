@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import TINY
 from PIL import Image
-from test_cache import N_TRAIN, distil_cfg, make_teacher_run
+from test_cache import N_TRAIN, distil_cfg, make_teacher_run, record_losses
 
 from cqkd import cli
 from cqkd.analysis.shift import compare_groups, corruption_errors, read_shift
@@ -21,9 +21,6 @@ from cqkd.core.config import RunConfig
 from cqkd.data.registry import load_dataset
 from cqkd.deploy import load_predictor
 from cqkd.deploy.export import export_run, trained_on
-from cqkd.distill.methods import (
-    kd as kd_method,  # the kd method calls distillation_loss
-)
 from cqkd.errors import CqkdError
 from cqkd.train import fit as training
 from cqkd.train.fit import fit_run
@@ -107,17 +104,7 @@ def test_cache_stays_exact_with_a_jpeg_degradation(tmp_path, monkeypatch) -> Non
     """Cached and online teacher give the same loss at every step when the student's view is
     JPEG-compressed at a random quality: the teacher never sees the degraded view."""
     teacher = make_teacher_run(tmp_path / "teacher")
-    records: dict[str, list[tuple[float, float, int]]] = {}
-    mode = ["off"]
-    real_loss = kd_method.distillation_loss
-
-    def recording_loss(z_s, z_t, y, *args):
-        terms = real_loss(z_s, z_t, y, *args)
-        if z_s.requires_grad:
-            records.setdefault(mode[0], []).append((float(terms["loss"]), float(terms["kl"]), int(y.sum())))
-        return terms
-
-    monkeypatch.setattr(kd_method, "distillation_loss", recording_loss)
+    records, mode = record_losses(monkeypatch)
     spec = "size=14,jpeg=10-50"
     m_off = training.fit_run(distil_cfg(teacher, teacher_cache="off", degradation=spec), tmp_path / "off",
                              progress=False)

@@ -10,7 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_cache import N_SMALL, distil_cfg, make_teacher_run, prepared_source
+from test_cache import (
+    N_SMALL,
+    distil_cfg,
+    make_teacher_run,
+    prepared_source,
+    record_losses,
+)
 from test_scale import make_folder
 
 from cqkd.core.config import RunConfig
@@ -18,9 +24,6 @@ from cqkd.core.rundir import RunDir
 from cqkd.data.registry import load_dataset
 from cqkd.distill import cache as cache_lib
 from cqkd.distill import cache_build
-from cqkd.distill.methods import (
-    kd as kd_method,  # the kd method calls distillation_loss
-)
 from cqkd.distill.source import make_teacher_source, memory_views
 from cqkd.distill.targets import kl_to_full, topk_decode, topk_encode, topk_logits
 from cqkd.nets.registry import build_model
@@ -100,17 +103,7 @@ def test_cached_and_online_distillation_on_an_image_folder_give_the_same_loss_at
     """Same crops (the bank's regions, cut in the loader), same teacher: online vs cache. The
     cached run replays the stored regions in a DataLoader worker."""
     teacher = make_folder_teacher(tmp_path / "teacher")
-    records: dict[str, list[tuple[float, float, int]]] = {}
-    mode = ["off"]
-    real_loss = kd_method.distillation_loss
-
-    def recording_loss(z_s, z_t, y, *args):
-        terms = real_loss(z_s, z_t, y, *args)
-        if z_s.requires_grad:
-            records.setdefault(mode[0], []).append((float(terms["loss"]), float(terms["kl"]), int(y.sum())))
-        return terms
-
-    monkeypatch.setattr(kd_method, "distillation_loss", recording_loss)
+    records, mode = record_losses(monkeypatch)
     m_off = training.fit_run(folder_cfg(folder, teacher, teacher_cache="off", epochs=2), tmp_path / "off",
                              progress=False)
     mode[0] = "auto"

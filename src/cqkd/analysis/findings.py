@@ -43,6 +43,14 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
     return m, s, n
 
 
+def pm(ms: tuple[float, float, int], digits: int = 4) -> str:
+    """``mean ± std`` of ``mean_std``'s result (the mean alone for one value, "–" for none)."""
+    m, s, n = ms
+    if n == 0 or math.isnan(m):
+        return "–"
+    return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if n > 1 and not math.isnan(s) else "")
+
+
 def _f(row: dict[str, Any], key: str) -> float | None:
     v = row.get(key)
     if v is None or v == "":

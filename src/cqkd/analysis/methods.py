@@ -13,7 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from cqkd.analysis import stats
-from cqkd.analysis.findings import _f, by_seed, has_soft_term, mean_std, supervised_for
+from cqkd.analysis.findings import (
+    _f,
+    by_seed,
+    has_soft_term,
+    mean_std,
+    setting_of,
+    supervised_for,
+)
+from cqkd.analysis.findings import pm as _pm
 
 DEFAULT_METHOD = "kd"
 MIN_SEEDS = 3  # a method is said to beat supervised training only with at least this many paired seeds
@@ -48,17 +56,12 @@ def method_of(row: dict[str, Any]) -> str:
     return str(row.get("method") or DEFAULT_METHOD)
 
 
-def _t(row: dict[str, Any]) -> str:
-    t = row.get("temperature")
-    return "calibrated" if t == "calibrated" else f"{float(t):g}"
-
-
 def arms(rows: list[dict[str, Any]]) -> list[Arm]:
     """The distillation arms of a sweep (the alpha = 0 control left out), smallest size last."""
     groups: dict[tuple[str, str, str, int], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         if r["role"] == "distill" and r["state"] == "finished" and has_soft_term(r):
-            groups[(method_of(r), _t(r), str(r.get("teacher_calibration")), int(r["size"]))].append(r)
+            groups[(method_of(r), *setting_of(r), int(r["size"]))].append(r)
     found = [Arm(m, t, c, s, tuple(rs)) for (m, t, c, s), rs in groups.items()]
     return sorted(found, key=lambda a: (-a.size, a.base != DEFAULT_METHOD, a.method, a.tcal, a.temperature))
 
@@ -120,11 +123,6 @@ def _e(e: stats.Effect | None) -> str:
     if e is None:
         return "–"
     return f"{e.mean:+.4f} [{e.ci_low:+.4f}, {e.ci_high:+.4f}] {stats.format_p(e.p)}"
-
-
-def _pm(ms: tuple[float, float, int]) -> str:
-    m, s, n = ms
-    return "–" if n == 0 else (f"{m:.4f} ± {s:.4f}" if n > 1 else f"{m:.4f}")
 
 
 def methods_section(rows: list[dict[str, Any]], md_table) -> list[str]:

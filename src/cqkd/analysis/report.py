@@ -23,6 +23,7 @@ from cqkd.analysis.findings import (
     settings_table,
     supervised_for,
 )
+from cqkd.analysis.findings import pm as _pm
 from cqkd.analysis.methods import is_methods_sweep, methods_section
 from cqkd.core import faults
 from cqkd.core.config import CONFIG_KEYS
@@ -134,13 +135,6 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> list[str]:
 
     atomic_write(path, write)
     return columns
-
-
-def _pm(ms: tuple[float, float, int], digits: int = 4) -> str:
-    m, s, n = ms
-    if n == 0 or math.isnan(m):
-        return "–"
-    return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if n > 1 and not math.isnan(s) else "")
 
 
 def _pm_signed(ms: tuple[float, float, int], digits: int = 4) -> str:

@@ -294,6 +294,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 
+def _add_figure_args(q: argparse.ArgumentParser) -> None:
+    """The arguments every figure takes: its runs, --out FILE.png and --labels (see ``_figure_names``)."""
+    q.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    q.add_argument("--out", required=True, metavar="FILE.png", help="the PNG file to write")
+    q.add_argument("--labels", nargs="+", default=None, metavar="NAME", help="legend names, one per run (default: the directory names)")
+
+
 def add_run_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
     """Register train, distill, evaluate, calibrate, plot, models, demo and runs on ``sub``."""
     p = add("train", cmd_train, "train a model supervised at one input size (a teacher, or a low-resolution baseline)")
@@ -330,17 +337,13 @@ def add_run_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> N
                          description="Accuracy against confidence in equal-width bins, the gap to the diagonal "
                                      "shaded, samples per bin below, ECE in the legend; from each run's test_logits.pt.")
     q.set_defaults(plot_func=cmd_plot_reliability)
-    q.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    q.add_argument("--out", required=True, metavar="FILE.png", help="the PNG file to write")
-    q.add_argument("--labels", nargs="+", default=None, metavar="NAME", help="legend names, one per run (default: the directory names)")
+    _add_figure_args(q)
     q.add_argument("--ece-bins", type=int, default=15, help="equal-width bins (default: 15)")
     q = plots.add_parser("shift", help="top-1 and ECE against corruption severity of one or more runs",
                          description="One column per corruption (severity 0 = clean), top-1 above and ECE below, "
                                      "the runs overlaid; from each run's shift.csv (`cqkd evaluate RUN --shift`).")
     q.set_defaults(plot_func=cmd_plot_shift)
-    q.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    q.add_argument("--out", required=True, metavar="FILE.png", help="the PNG file to write")
-    q.add_argument("--labels", nargs="+", default=None, metavar="NAME", help="legend names, one per run (default: the directory names)")
+    _add_figure_args(q)
     p = add("models", cmd_models, "list the registered models with parameters and FLOPs")
     p.add_argument("--size", type=int, default=28, help="input size for the FLOPs column")
     p.add_argument("--channels", type=int, default=1, help="input channels")

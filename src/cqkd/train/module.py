@@ -222,6 +222,7 @@ class CQKDModule(L.LightningModule):
             x_hr = to_float(apply_views(x, self.views.sample(len(y), g)))
             z_t = self.teacher_forward(x_hr) if self.uses_teacher else None  # no train_data: benchmarks
         z_s = self.student_forward(x_hr, g)
+        batches = self._trainer.num_training_batches if self._trainer is not None else None  # None: no trainer (tests)
         method = self.step.method
         if method is None:
             terms = supervised_loss(z_s, y, self.step.label_smoothing)
@@ -231,13 +232,12 @@ class CQKDModule(L.LightningModule):
             if z_t is not None:  # the teacher's features are inference tensors: clone them for the loss
                 feats = [f.clone() for f in self.teacher_taps.take()] if self.teacher_taps else []
                 teacher = Outputs(z_t, feats, self.step.t_cal)
-            batches = self._trainer.num_training_batches if self._trainer is not None else float("inf")
-            epoch = self.current_epoch + batch_idx / max(1, batches)  # the fraction within the epoch too
+            epoch = self.current_epoch + (batch_idx / max(1, batches) if batches else 0.0)  # the fraction within the epoch too
             terms = method.loss(student, teacher, y, Progress(epoch))
         if not torch.isfinite(terms["loss"]):
             raise FloatingPointError(f"the loss became {terms['loss'].item()} at step {self.global_step}")
         self._add_terms(terms, len(y))
-        if self._trainer is None or batch_idx + 1 == self.trainer.num_training_batches:  # (no trainer: tests)
+        if batches is None or batch_idx + 1 == batches:
             self._log_terms()
         return terms["loss"]
 
@@ -323,9 +323,11 @@ class CQKDModule(L.LightningModule):
     def load_teacher_memo(self, test: Any) -> None:
         """Load the teacher's memoised test logits for the test split ``test`` if they exist, were
         computed on the same images (its content digest keys them) and have its labels."""
+        self.teacher_memo = None
+        if self.teacher_info is None:  # nothing to share: no need to read the whole split for its digest
+            return
         self.test_digest = split_digest(test)
         path = self.teacher_memo_path()
-        self.teacher_memo = None
         if path is None or not path.exists():
             return
         try:
