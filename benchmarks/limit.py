@@ -31,6 +31,7 @@ the functions with the most cumulative and own time. Usage::
 
     PYTHONPATH=src python benchmarks/limit.py --threads 1 [--train-samples 10000] [--reps 3] [--sizes 7 14]
     PYTHONPATH=src python benchmarks/limit.py --threads 1 --profile supervised --sizes 7
+    PYTHONPATH=src python benchmarks/limit.py --threads 1 --channels-last   # both loops with a channels-last student
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-os.environ.setdefault("CQKD_QUIET_LIGHTNING", "1")
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
@@ -79,7 +79,8 @@ def run_config(setup: dict, mode: str):
 
     d = dict(kind="train" if mode == "supervised" else "distill", dataset=setup["dataset"],
              train_samples=setup["train_samples"], model="cnn-small", size=setup["size"], epochs=setup["epochs"],
-             batch_size=setup["batch_size"], seed=setup["seed"], accelerator="cpu")
+             batch_size=setup["batch_size"], seed=setup["seed"], accelerator="cpu",
+             channels_last=setup.get("channels_last", False))
     if mode != "supervised":
         d.update(teacher=setup["teacher"], teacher_cache="auto" if mode == "cached" else "off")
     return RunConfig.from_dict(d)
@@ -117,6 +118,8 @@ def run_bare(setup: dict, mode: str) -> dict:
     std = torch.tensor(info.std).view(1, -1, 1, 1)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, info.num_classes, info.channels, degrade.output_size(info.image_size)).train()
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=layout)
     teacher = z_cache = None
     if mode == "online":
         t = load_teacher(cfg.teacher, info)
@@ -154,7 +157,7 @@ def run_bare(setup: dict, mode: str) -> dict:
                 teacher_s += time.process_time() - t0
             elif z_cache is not None:
                 z_t = z_cache[idx * bank.k + which]
-            x_lr = (degrade(x_hr, g) - mean) / std
+            x_lr = ((degrade(x_hr, g) - mean) / std).contiguous(memory_format=layout)
             t0 = time.process_time()
             z_s = model(x_lr)
             ce = F.cross_entropy(z_s, y)
@@ -231,7 +234,7 @@ def run_cqkd(setup: dict, mode: str, out: Path, profile: bool = False) -> dict:
 
     fit.make_trainer = timed_trainer
     cfg = run_config(setup, mode)
-    metrics = fit.fit_run(cfg, out, progress=True)
+    metrics = fit.fit_run(cfg, out, progress=True, quiet=True)  # as `cqkd train` calls it
     if profiler is not None:
         import pstats
 
@@ -269,7 +272,7 @@ def train_teacher(out: Path, dataset: str, train_samples: int, batch_size: int) 
     cfg = RunConfig.from_dict(dict(kind="train", dataset=dataset, train_samples=train_samples, model="cnn-large",
                                    size=28, epochs=1, batch_size=batch_size, augment="none", accelerator="cpu",
                                    seed=0))
-    fit_run(cfg, out, progress=False)
+    fit_run(cfg, out, progress=False, quiet=True)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -325,6 +328,8 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=list(CQKD_MODES), choices=CQKD_MODES)
     p.add_argument("--teacher", metavar="RUN_DIR", help="a cnn-large teacher run (default: train one for an epoch)")
     p.add_argument("--profile", choices=CQKD_MODES, help="profile one cqkd run of this mode (cProfile) and stop")
+    p.add_argument("--channels-last", action="store_true",
+                   help="the student in channels-last layout, in the bare loop and in cqkd (--channels-last) alike")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -339,10 +344,12 @@ def main() -> None:
         print(f"teacher: cnn-large @ 28 px trained 1 epoch by cqkd in {time.perf_counter() - start:.0f} s")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}; "
-          f"{dataset}, {args.train_samples} training images x {args.epochs} epoch(s), batch {args.batch_size}")
+          f"{dataset}, {args.train_samples} training images x {args.epochs} epoch(s), batch {args.batch_size}"
+          + (", student channels-last" if args.channels_last else ""))
     for size in args.sizes:
         setup = {"dataset": dataset, "train_samples": args.train_samples, "epochs": args.epochs,
-                 "batch_size": args.batch_size, "size": size, "seed": 0, "teacher": str(teacher), "tmp": str(tmp)}
+                 "batch_size": args.batch_size, "size": size, "seed": 0, "teacher": str(teacher), "tmp": str(tmp),
+                 "channels_last": args.channels_last}
         setup_file = tmp / f"setup-{size}.json"
         setup_file.write_text(json.dumps(setup))
         if args.profile:
