@@ -31,11 +31,18 @@ the functions with the most cumulative and own time. Usage::
 
     PYTHONPATH=src python benchmarks/limit.py --threads 1 [--train-samples 10000] [--reps 3] [--sizes 7 14]
     PYTHONPATH=src python benchmarks/limit.py --threads 1 --profile supervised --sizes 7
+    PYTHONPATH=src python benchmarks/limit.py --threads 1 --channels-last   # both loops with a channels-last student
+    PYTHONPATH=src python benchmarks/limit.py --threads 1 --before 0f10e42  # also cqkd as of 0f10e42, interleaved
+
+``--before REV`` unpacks ``src/`` of git revision REV (``git archive``) and runs cqkd's modes on it too,
+as contenders ``MODE@REV`` interleaved with the others, and prints their ratios to the bare loop and the
+median of the per-pair ratios ``now/REV``: the before and after of a change in one run, under one load.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -50,8 +57,14 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-os.environ.setdefault("CQKD_QUIET_LIGHTNING", "1")
+
+
+def _src_dir() -> Path:
+    """The cqkd tree this process imports: this checkout's, or a worker's ``--src`` (``--before REV``)."""
+    return Path(sys.argv[sys.argv.index("--src") + 1]) if "--src" in sys.argv[:-1] else ROOT / "src"
+
+
+sys.path.insert(0, str(_src_dir()))
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
@@ -80,6 +93,8 @@ def run_config(setup: dict, mode: str):
     d = dict(kind="train" if mode == "supervised" else "distill", dataset=setup["dataset"],
              train_samples=setup["train_samples"], model="cnn-small", size=setup["size"], epochs=setup["epochs"],
              batch_size=setup["batch_size"], seed=setup["seed"], accelerator="cpu")
+    if setup.get("channels_last"):
+        d["channels_last"] = True  # only where asked: a tree from before the option refuses the key
     if mode != "supervised":
         d.update(teacher=setup["teacher"], teacher_cache="auto" if mode == "cached" else "off")
     return RunConfig.from_dict(d)
@@ -117,6 +132,8 @@ def run_bare(setup: dict, mode: str) -> dict:
     std = torch.tensor(info.std).view(1, -1, 1, 1)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, info.num_classes, info.channels, degrade.output_size(info.image_size)).train()
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=layout)
     teacher = z_cache = None
     if mode == "online":
         t = load_teacher(cfg.teacher, info)
@@ -154,7 +171,7 @@ def run_bare(setup: dict, mode: str) -> dict:
                 teacher_s += time.process_time() - t0
             elif z_cache is not None:
                 z_t = z_cache[idx * bank.k + which]
-            x_lr = (degrade(x_hr, g) - mean) / std
+            x_lr = ((degrade(x_hr, g) - mean) / std).contiguous(memory_format=layout)
             t0 = time.process_time()
             z_s = model(x_lr)
             ce = F.cross_entropy(z_s, y)
@@ -231,7 +248,8 @@ def run_cqkd(setup: dict, mode: str, out: Path, profile: bool = False) -> dict:
 
     fit.make_trainer = timed_trainer
     cfg = run_config(setup, mode)
-    metrics = fit.fit_run(cfg, out, progress=True)
+    quiet = {"quiet": True} if "quiet" in inspect.signature(fit.fit_run).parameters else {}  # older trees: none
+    metrics = fit.fit_run(cfg, out, progress=True, **quiet)  # as `cqkd train` calls it
     if profiler is not None:
         import pstats
 
@@ -247,10 +265,13 @@ def run_cqkd(setup: dict, mode: str, out: Path, profile: bool = False) -> dict:
 
 # ---------------------------------------------------------------------- driver
 
-def run_child(setup_file: Path, contender: str, threads: int | None, extra: list[str] = ()) -> dict:
-    """One run of ``contender`` in a fresh process."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    args = [sys.executable, __file__, "--worker", str(setup_file), "--contender", contender, *extra]
+def run_child(setup_file: Path, contender: str, threads: int | None, extra: list[str] = (),
+              trees: dict[str, Path] | None = None) -> dict:
+    """One run of ``contender`` in a fresh process; ``mode@REV`` runs ``mode`` on the tree of REV in ``trees``."""
+    mode, _, rev = contender.partition("@")
+    src = (trees or {})[rev] if rev else ROOT / "src"
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    args = [sys.executable, __file__, "--worker", str(setup_file), "--contender", mode, "--src", str(src), *extra]
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
         args += ["--threads", str(threads)]
@@ -262,6 +283,17 @@ def run_child(setup_file: Path, contender: str, threads: int | None, extra: list
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def source_tree(rev: str, tmp: Path) -> Path:
+    """The ``src`` directory of revision ``rev`` of this repository, unpacked under ``tmp`` (git archive)."""
+    dest = tmp / f"tree-{rev}"
+    dest.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src"], capture_output=True)
+    if archive.returncode != 0:
+        raise SystemExit(f"limit: --before {rev}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest / "src"
+
+
 def train_teacher(out: Path, dataset: str, train_samples: int, batch_size: int) -> None:
     from cqkd.core.config import RunConfig
     from cqkd.train.fit import fit_run
@@ -269,7 +301,8 @@ def train_teacher(out: Path, dataset: str, train_samples: int, batch_size: int) 
     cfg = RunConfig.from_dict(dict(kind="train", dataset=dataset, train_samples=train_samples, model="cnn-large",
                                    size=28, epochs=1, batch_size=batch_size, augment="none", accelerator="cpu",
                                    seed=0))
-    fit_run(cfg, out, progress=False)
+    quiet = {"quiet": True} if "quiet" in inspect.signature(fit_run).parameters else {}
+    fit_run(cfg, out, progress=False, **quiet)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -284,15 +317,18 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-def report(size: int, results: dict[str, list[dict]], reps: int) -> None:
+def report(size: int, results: dict[str, list[dict]], reps: int, revs: list[str] = ()) -> None:
     """Per contender: median wall and CPU seconds per epoch, each repetition, peak RSS; then the ratios."""
     med = statistics.median
     print(f"\n{size} px: one training epoch, median of {reps}: wall s, CPU s (each repetition's CPU s), peak RSS")
     for name, runs in results.items():
-        print(f"  {name:>12} {med(r['seconds'] for r in runs):7.2f} {med(r['cpu_s'] for r in runs):7.2f}   ("
+        print(f"  {name:>18} {med(r['seconds'] for r in runs):7.2f} {med(r['cpu_s'] for r in runs):7.2f}   ("
               + " ".join(f"{r['cpu_s']:.2f}" for r in runs) + f")   {med(r['rss_mib'] for r in runs):5.0f} MiB")
     for mode in (m for m in CQKD_MODES if m in results):
         print(f"  cqkd/bare {mode:>10}: " + ratios(results[mode], results[BARE[mode]]))
+        for rev in revs:
+            print(f"  {rev}/bare {mode:>10}: " + ratios(results[f"{mode}@{rev}"], results[BARE[mode]]))
+            print(f"  now/{rev} {mode:>10}: " + ratios(results[mode], results[f"{mode}@{rev}"]))
     if "supervised" in results:
         sup = results["bare sup"]
         print(f"  student forward+backward (CPU): {100 * med(r['fb_s'] / r['cpu_s'] for r in sup):.0f}% of the bare "
@@ -325,38 +361,60 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=list(CQKD_MODES), choices=CQKD_MODES)
     p.add_argument("--teacher", metavar="RUN_DIR", help="a cnn-large teacher run (default: train one for an epoch)")
     p.add_argument("--profile", choices=CQKD_MODES, help="profile one cqkd run of this mode (cProfile) and stop")
+    p.add_argument("--before", metavar="REV", help="also run cqkd's modes on the code of git revision REV "
+                                                  "(interleaved with the rest): before/after in one run")
+    p.add_argument("--src", help=argparse.SUPPRESS)
+    p.add_argument("--train-teacher", metavar="DIR", help=argparse.SUPPRESS)
+    p.add_argument("--channels-last", action="store_true",
+                   help="the student in channels-last layout, in the bare loop and in cqkd (--channels-last) alike")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
         return worker(args)
+    if args.train_teacher:
+        return train_teacher(Path(args.train_teacher), dataset_name(), args.train_samples, args.batch_size)
     tmp = Path(tempfile.mkdtemp(prefix="cqkd-limit-"))
+    trees = {args.before: source_tree(args.before, tmp)} if args.before else {}
     dataset = dataset_name()
     teacher = Path(args.teacher) if args.teacher else tmp / "teacher"
-    if not args.teacher:
+    if args.before and args.teacher:
+        raise SystemExit("limit: --before trains its own teacher with REV's code (a teacher written by this "
+                         "checkout may hold config keys that REV does not know): leave out --teacher")
+    if args.before:  # REV's code writes the teacher, so that both trees can read its run
+        start = time.perf_counter()
+        subprocess.run([sys.executable, __file__, "--train-teacher", str(teacher), "--src", str(trees[args.before]),
+                        "--train-samples", str(args.train_samples), "--batch-size", str(args.batch_size)],
+                       env={**os.environ, "PYTHONPATH": str(trees[args.before])}, check=True)
+        print(f"teacher: cnn-large @ 28 px trained 1 epoch by cqkd {args.before} in "
+              f"{time.perf_counter() - start:.0f} s")
+    elif not args.teacher:
         start = time.perf_counter()
         train_teacher(teacher, dataset, args.train_samples, args.batch_size)
         print(f"teacher: cnn-large @ 28 px trained 1 epoch by cqkd in {time.perf_counter() - start:.0f} s")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}; "
-          f"{dataset}, {args.train_samples} training images x {args.epochs} epoch(s), batch {args.batch_size}")
+          f"{dataset}, {args.train_samples} training images x {args.epochs} epoch(s), batch {args.batch_size}"
+          + (", student channels-last" if args.channels_last else ""))
     for size in args.sizes:
         setup = {"dataset": dataset, "train_samples": args.train_samples, "epochs": args.epochs,
-                 "batch_size": args.batch_size, "size": size, "seed": 0, "teacher": str(teacher), "tmp": str(tmp)}
+                 "batch_size": args.batch_size, "size": size, "seed": 0, "teacher": str(teacher), "tmp": str(tmp),
+                 "channels_last": args.channels_last}
         setup_file = tmp / f"setup-{size}.json"
         setup_file.write_text(json.dumps(setup))
         if args.profile:
             print(json.dumps(run_child(setup_file, args.profile, args.threads, ["--profile", args.profile])))
             continue
         if "cached" in args.modes:  # builds the cache once (untimed); later cached runs read it
-            run_child(setup_file, "cached", args.threads)
-        contenders = [c for m in args.modes for c in (BARE[m], m)]
+            for rev in ["", *trees]:
+                run_child(setup_file, f"cached@{rev}" if rev else "cached", args.threads, trees=trees)
+        contenders = [c for m in args.modes for c in (BARE[m], m, *(f"{m}@{rev}" for rev in trees))]
         results: dict[str, list[dict]] = {c: [] for c in contenders}
         for rep in range(args.reps):
             for name in (contenders if rep % 2 == 0 else list(reversed(contenders))):
-                results[name].append(run_child(setup_file, name, args.threads))
+                results[name].append(run_child(setup_file, name, args.threads, trees=trees))
         print(f"load average after {size} px: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-        report(size, results, args.reps)
+        report(size, results, args.reps, list(trees))
     shutil.rmtree(tmp, ignore_errors=True)  # this script's own runs (and teacher, unless --teacher)
 
 

@@ -332,3 +332,36 @@ def test_alpha_zero_distillation_equals_supervised(tmp_path, tiny_teacher):
     other = fit_run(RunConfig.from_dict({**common, "kind": "train", "seed": 6}), tmp_path / "other", progress=False)
     assert not torch.equal(RunDir(tmp_path / "other").test_logits()["logits"], a)
     del other
+
+
+def test_channels_last_student_is_the_same_network_in_another_layout(tmp_path):
+    """``channels_last`` changes the student's memory layout, not its function: the same weights give the
+    same logits up to float rounding; the run's digest records the layout; its weights (saved contiguous)
+    evaluated in the default layout reproduce the run's own test logits."""
+    from cqkd.data.registry import load_dataset
+    from cqkd.nets.registry import build_model
+    from cqkd.train.fit import evaluate_run, fit_run
+    from cqkd.train.module import CQKDModule
+    from cqkd.core.rundir import RunDir
+
+    base = RunConfig.from_dict({**TINY, "model": "cnn-small", "size": 14})
+    fast = base.replace(channels_last=True)
+    assert fast.digest() != base.digest()
+    info = load_dataset("synthetic", train_samples=10).info
+    torch.manual_seed(0)
+    model = build_model("cnn-small", info.num_classes, info.channels, 14)
+    plain = CQKDModule(model, base, info).eval()
+    x = torch.rand(8, info.channels, 28, 28)
+    with torch.no_grad():
+        expected = plain.student_forward(x)
+        module = CQKDModule(model, fast, info).eval()  # converts the same network in place
+        conv = next(m for m in module.model.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(module.student_forward(x), expected, atol=1e-5)
+
+    out = tmp_path / "run"
+    fit_run(fast, out, progress=False, quiet=True)
+    saved = RunDir(out).test_logits()["logits"]
+    outputs: dict[str, torch.Tensor] = {}
+    evaluate_run(out, progress=False, outputs=outputs, quiet=True, channels_last=False)
+    assert (outputs["logits"] - saved).abs().max() <= 1e-4

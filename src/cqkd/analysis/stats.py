@@ -9,6 +9,7 @@ numpy/scipy, no I/O; callers convert tensors with ``.numpy()``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +65,15 @@ class Effect:
     verdict: str
 
 
+
+def paired_p(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sided paired t-test p over seeds. Where the per-seed differences are (nearly) equal, scipy
+    warns of precision loss and gives p from a huge t (or nan where they are exactly equal); the
+    report shows that p without the warning, beside its bootstrap interval."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_rel(a, b).pvalue)
+
 def paired_effect(a: dict[int, PerImage], b: dict[int, PerImage], metric: str, sign: int,
                   n_boot: int = 2000, seed: int = 0) -> Effect:
     """Mean over seeds of metric(a_s) - metric(b_s), with a seed-and-image bootstrap CI.
@@ -81,7 +91,7 @@ def paired_effect(a: dict[int, PerImage], b: dict[int, PerImage], metric: str, s
     n = features.shape[0]
     point = evaluate(metric, features, np.ones((1, n)))[0]
     per_seed_a, per_seed_b = point[:s], point[s:]
-    p = float(stats.ttest_rel(per_seed_a, per_seed_b).pvalue) if s >= 2 else float("nan")
+    p = paired_p(per_seed_a, per_seed_b) if s >= 2 else float("nan")
     rng = np.random.default_rng(seed)
     seed_counts = rng.multinomial(s, np.full(s, 1.0 / s), size=n_boot)  # (n_boot, s)
     boot = np.empty(n_boot)

@@ -37,7 +37,7 @@ def option(default: Any, help: str, group: str, *, metavar: str | None = None, c
 
 
 D, M, K, H, O = GROUPS
-LATE_FIELDS: frozenset[str] = frozenset({"teacher_topk", "teacher_compile", "method"})  # added since the study's runs (see RunConfig.digest)
+LATE_FIELDS: frozenset[str] = frozenset({"teacher_topk", "teacher_compile", "method", "channels_last"})  # added since the study's runs (see RunConfig.digest)
 MAX_SEED = 2**32 - 1  # what numpy and Lightning's seed_everything accept
 T_MIN, T_MAX = 1e-2, 1e2  # the temperatures the T_cal fitter searches; T is held to the same range, so that
 # T * T_cal and T**2 (the loss) stay within [1e-4, 1e4]: finite in float32 and far from its underflow
@@ -103,6 +103,9 @@ class RunConfig:
                                "(see `cqkd methods`)", K, metavar="SPEC", distill=True)
     teacher_compile: bool = option(False, "run the teacher through torch.compile (a one-off compile time; see "
                                           "docs/performance.md)", K, distill=True)
+    channels_last: bool = option(False, "train and test the student in channels-last memory format: faster "
+                                        "convolutions and pooling on CPU (docs/performance.md), not bit-identical "
+                                        "to the default layout, so it is part of the config digest", M)
     ece_bins: int = option(15, "equal-width bins for ECE", M)
     accelerator: str = option("auto", "cpu, gpu, auto, ...", H)
     devices: int | str = option(1, "number of devices or 'auto'", H)

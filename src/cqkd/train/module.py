@@ -86,7 +86,7 @@ class CQKDModule(L.LightningModule):
     def __init__(self, model: nn.Module, cfg: RunConfig, info: DatasetInfo, teacher: Teacher | None = None,
                  train_data: ImageData | None = None) -> None:
         super().__init__()
-        self.model = model
+        self.model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
         self.cfg = cfg
         self.info = info
         self.step = Step.resolve(cfg, info, teacher)
@@ -165,16 +165,20 @@ class CQKDModule(L.LightningModule):
             was = self.model.training
             self.model.eval()
             with torch.no_grad():
-                self.model(self.normalize(self.degrade(x, torch.Generator().manual_seed(0))))
+                self.student(self.normalize(self.degrade(x, torch.Generator().manual_seed(0))))
                 self.teacher(self.teacher_normalize(x))
             self.model.train(was)
             s_shapes = [f.shape for f in self.student_taps.take()]
             t_shapes = [f.shape for f in self.teacher_taps.take()]
         return method.build(s_shapes, t_shapes)
 
+    def student(self, x: torch.Tensor) -> torch.Tensor:
+        """The student's logits on its normalised input (channels-last where the run asks for it)."""
+        return self.model(x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x)
+
     def student_forward(self, x_hr: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The student's logits on the degraded, normalised view of the full-resolution batch ``x_hr``."""
-        return self.model(self.normalize(self.degrade(x_hr, generator)))
+        return self.student(self.normalize(self.degrade(x_hr, generator)))
 
     def teacher_forward(self, x_hr: torch.Tensor) -> torch.Tensor:
         """The frozen teacher's float32 logits on float views in [0, 1] (inference mode, channels-last)."""
@@ -291,7 +295,7 @@ class CQKDModule(L.LightningModule):
         x, y, idx = batch
         x_hr = to_float(x)
         x_lr = self.degrade(x_hr)
-        out = {"idx": idx, "labels": y, "logits": self.model(self.normalize(x_lr)).float()}
+        out = {"idx": idx, "labels": y, "logits": self.student(self.normalize(x_lr)).float()}
         if self.teacher is not None and self.teacher_memo is not None:
             rows = idx.cpu()
             out["teacher_logits"] = self.teacher_memo["teacher_logits"][rows].to(self.device)
