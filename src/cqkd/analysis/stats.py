@@ -65,7 +65,6 @@ class Effect:
     verdict: str
 
 
-
 def paired_p(a: np.ndarray, b: np.ndarray) -> float:
     """Two-sided paired t-test p over seeds. Where the per-seed differences are (nearly) equal, scipy
     warns of precision loss and gives p from a huge t (or nan where they are exactly equal); the
@@ -73,6 +72,7 @@ def paired_p(a: np.ndarray, b: np.ndarray) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return float(stats.ttest_rel(a, b).pvalue)
+
 
 def paired_effect(a: dict[int, PerImage], b: dict[int, PerImage], metric: str, sign: int,
                   n_boot: int = 2000, seed: int = 0) -> Effect:
