@@ -248,8 +248,7 @@ def run_cqkd(setup: dict, mode: str, out: Path, profile: bool = False) -> dict:
 
     fit.make_trainer = timed_trainer
     cfg = run_config(setup, mode)
-    quiet = {"quiet": True} if "quiet" in inspect.signature(fit.fit_run).parameters else {}  # older trees: none
-    metrics = fit.fit_run(cfg, out, progress=True, **quiet)  # as `cqkd train` calls it
+    metrics = fit.fit_run(cfg, out, progress=True, **quiet_kwargs(fit.fit_run))  # as `cqkd train` calls it
     if profiler is not None:
         import pstats
 
@@ -294,6 +293,11 @@ def source_tree(rev: str, tmp: Path) -> Path:
     return dest / "src"
 
 
+def quiet_kwargs(fit_run) -> dict:
+    """``quiet=True`` where this tree's ``fit_run`` takes it (trees from before it: no argument)."""
+    return {"quiet": True} if "quiet" in inspect.signature(fit_run).parameters else {}
+
+
 def train_teacher(out: Path, dataset: str, train_samples: int, batch_size: int) -> None:
     from cqkd.core.config import RunConfig
     from cqkd.train.fit import fit_run
@@ -301,8 +305,7 @@ def train_teacher(out: Path, dataset: str, train_samples: int, batch_size: int) 
     cfg = RunConfig.from_dict(dict(kind="train", dataset=dataset, train_samples=train_samples, model="cnn-large",
                                    size=28, epochs=1, batch_size=batch_size, augment="none", accelerator="cpu",
                                    seed=0))
-    quiet = {"quiet": True} if "quiet" in inspect.signature(fit_run).parameters else {}
-    fit_run(cfg, out, progress=False, **quiet)
+    fit_run(cfg, out, progress=False, **quiet_kwargs(fit_run))
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -374,24 +377,21 @@ def main() -> None:
         return worker(args)
     if args.train_teacher:
         return train_teacher(Path(args.train_teacher), dataset_name(), args.train_samples, args.batch_size)
+    if args.before and args.teacher:
+        raise SystemExit("limit: --before trains its own teacher with REV's code (a teacher written by this "
+                         "checkout may hold config keys that REV does not know): leave out --teacher")
     tmp = Path(tempfile.mkdtemp(prefix="cqkd-limit-"))
     trees = {args.before: source_tree(args.before, tmp)} if args.before else {}
     dataset = dataset_name()
     teacher = Path(args.teacher) if args.teacher else tmp / "teacher"
-    if args.before and args.teacher:
-        raise SystemExit("limit: --before trains its own teacher with REV's code (a teacher written by this "
-                         "checkout may hold config keys that REV does not know): leave out --teacher")
-    if args.before:  # REV's code writes the teacher, so that both trees can read its run
+    if not args.teacher:  # in a child of the oldest tree, so that every tree can read the teacher's run
+        src = trees[args.before] if args.before else ROOT / "src"
         start = time.perf_counter()
-        subprocess.run([sys.executable, __file__, "--train-teacher", str(teacher), "--src", str(trees[args.before]),
+        subprocess.run([sys.executable, __file__, "--train-teacher", str(teacher), "--src", str(src),
                         "--train-samples", str(args.train_samples), "--batch-size", str(args.batch_size)],
-                       env={**os.environ, "PYTHONPATH": str(trees[args.before])}, check=True)
-        print(f"teacher: cnn-large @ 28 px trained 1 epoch by cqkd {args.before} in "
+                       env={**os.environ, "PYTHONPATH": str(src)}, check=True)
+        print(f"teacher: cnn-large @ 28 px trained 1 epoch by cqkd{' ' + args.before if args.before else ''} in "
               f"{time.perf_counter() - start:.0f} s")
-    elif not args.teacher:
-        start = time.perf_counter()
-        train_teacher(teacher, dataset, args.train_samples, args.batch_size)
-        print(f"teacher: cnn-large @ 28 px trained 1 epoch by cqkd in {time.perf_counter() - start:.0f} s")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}; "
           f"{dataset}, {args.train_samples} training images x {args.epochs} epoch(s), batch {args.batch_size}"

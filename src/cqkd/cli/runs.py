@@ -293,7 +293,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 1 if any(r[headers.index("top-1")] == "failed" for r in rows) else 0
 
 
-
 def _add_figure_args(q: argparse.ArgumentParser) -> None:
     """The arguments every figure takes: its runs, --out FILE.png and --labels (see ``_figure_names``)."""
     q.add_argument("runs", nargs="+", metavar="RUN_DIR")
